@@ -1,0 +1,392 @@
+"""The Signer API client: what the gateway and other applications import.
+
+    async with SignerClient("signer.internal:2410", ca=..., cert=..., key=...) as c:
+        sig = await c.sign(ski, pb.ECDSA_SHA256, digest)
+
+``SignerClient`` is asyncio-first; ``SyncSignerClient`` offers the same calls for
+threaded code. Both speak mutual TLS (plain TCP only with ``insecure=True``), and both
+retry UNAVAILABLE on unary calls through gRPC's own retry policy, which is safe because
+every Signer operation is idempotent.
+
+``OperationStream`` is the high-throughput path over the Stream method: operations
+submitted in the same event-loop iteration travel in one message, results come back
+as they complete, and a broken stream fails every pending operation with UNAVAILABLE
+so the caller can retry elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from signer.common.tls import grpc_channel_credentials
+from signer.v1 import signer_pb2 as pb
+from signer.v1 import signer_pb2_grpc as pb_grpc
+
+log = logging.getLogger("keyward.signer.client")
+
+SERVICE = "keyward.signer.v1.Signer"
+
+_RETRY_POLICY = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [
+                    {"service": SERVICE, "method": m} for m in ("Sign", "Decrypt", "ListKeys")
+                ],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", _RETRY_POLICY),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Reconnect fast after a signer restart; the router decides where traffic goes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+class SignerError(Exception):
+    """A Signer call failed; ``code`` is the gRPC status (see the proto's error table)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def from_rpc(cls, e: grpc.RpcError) -> SignerError:
+        code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+        details = e.details() if hasattr(e, "details") else str(e)
+        return cls(code, details or "")
+
+
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    return _CODES.get(value, grpc.StatusCode.UNKNOWN)
+
+
+def selector(key: bytes | str) -> pb.KeySelector:
+    """An SKI (bytes) or a label (str)."""
+    return pb.KeySelector(ski=key) if isinstance(key, bytes) else pb.KeySelector(label=key)
+
+
+def _options(server_name: str | None) -> list[tuple[str, Any]]:
+    opts = list(CHANNEL_OPTIONS)
+    if server_name:
+        opts.append(("grpc.ssl_target_name_override", server_name))
+    return opts
+
+
+def _credentials(
+    ca: Path | str | None, cert: Path | str | None, key: Path | str | None, insecure: bool
+) -> grpc.ChannelCredentials | None:
+    if insecure:
+        return None
+    if ca is None or cert is None or key is None:
+        raise ValueError("mutual TLS needs ca, cert and key (or insecure=True for local tests)")
+    return grpc_channel_credentials(Path(ca), Path(cert), Path(key))
+
+
+class SignerClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        ca: Path | str | None = None,
+        cert: Path | str | None = None,
+        key: Path | str | None = None,
+        insecure: bool = False,
+        server_name: str | None = None,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
+        self.target = target
+        creds = _credentials(ca, cert, key, insecure)
+        opts = _options(server_name) + list(options or [])
+        if creds is None:
+            self.channel = grpc.aio.insecure_channel(target, options=opts)
+        else:
+            self.channel = grpc.aio.secure_channel(target, creds, options=opts)
+        self.stub = pb_grpc.SignerStub(self.channel)  # type: ignore[no-untyped-call]
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+    async def sign(
+        self,
+        key: bytes | str,
+        algorithm: pb.Algorithm,
+        data: bytes,
+        *,
+        timeout: float = 5.0,
+    ) -> bytes:
+        req = pb.SignRequest(key=selector(key), algorithm=algorithm, data=data)
+        try:
+            resp: pb.SignResponse = await self.stub.Sign(req, timeout=timeout)
+        except grpc.RpcError as e:
+            raise SignerError.from_rpc(e) from None
+        return resp.signature
+
+    async def decrypt(
+        self,
+        key: bytes | str,
+        ciphertext: bytes,
+        *,
+        mode: pb.DecryptMode = pb.DECRYPT_MODE_RAW,
+        timeout: float = 5.0,
+    ) -> bytes:
+        req = pb.DecryptRequest(key=selector(key), mode=mode, ciphertext=ciphertext)
+        try:
+            resp: pb.DecryptResponse = await self.stub.Decrypt(req, timeout=timeout)
+        except grpc.RpcError as e:
+            raise SignerError.from_rpc(e) from None
+        return resp.plaintext
+
+    async def list_keys(self, *, timeout: float = 5.0) -> pb.ListKeysResponse:
+        try:
+            keys: pb.ListKeysResponse = await self.stub.ListKeys(
+                pb.ListKeysRequest(), timeout=timeout
+            )
+        except grpc.RpcError as e:
+            raise SignerError.from_rpc(e) from None
+        return keys
+
+    async def watch_keys(self) -> AsyncIterator[pb.ListKeysResponse]:
+        call = self.stub.WatchKeys(pb.WatchKeysRequest())
+        try:
+            async for update in call:
+                yield update
+        except grpc.RpcError as e:
+            raise SignerError.from_rpc(e) from None
+        finally:
+            call.cancel()
+
+    async def health(self, service: str = "", *, timeout: float = 2.0) -> int:
+        """The grpc.health.v1 status (health_pb2.HealthCheckResponse.SERVING, ...)."""
+        try:
+            resp = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as e:
+            raise SignerError.from_rpc(e) from None
+        return int(resp.status)
+
+    def stream(self) -> OperationStream:
+        return OperationStream(self.stub)
+
+
+Callback = Callable[[pb.OperationResult], None]
+
+
+class OperationStream:
+    """Many operations over one Stream call, batched per event-loop iteration.
+
+    ``submit`` never blocks and never raises for a remote failure: every submitted
+    operation gets exactly one callback with its OperationResult, an UNAVAILABLE one if
+    the stream breaks first. Ids are assigned here; callers keep their own context in
+    the callback's closure.
+    """
+
+    def __init__(self, stub: pb_grpc.SignerStub) -> None:
+        self._stub = stub
+        self._call: Any = None
+        self._pending: dict[int, Callback] = {}
+        self._outbox: list[pb.Operation] = []
+        self._next_id = 1
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.closed = False
+        self.failure: str | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def start(self) -> None:
+        self._call = self._stub.Stream()
+        self._tasks = [
+            asyncio.create_task(self._writer(), name="signer-stream-writer"),
+            asyncio.create_task(self._reader(), name="signer-stream-reader"),
+        ]
+
+    def submit(self, op: pb.Operation, callback: Callback) -> None:
+        if self.closed:
+            callback(_unavailable(op.id, self.failure or "stream closed"))
+            return
+        op_id = self._next_id
+        self._next_id = op_id + 1 if op_id < 0xFFFF_FFFF_FFFF else 1
+        op.id = op_id
+        self._pending[op_id] = callback
+        self._outbox.append(op)
+        self._wake.set()
+
+    async def _writer(self) -> None:
+        try:
+            while not self.closed:
+                await self._wake.wait()
+                self._wake.clear()
+                if not self._outbox:
+                    continue
+                batch, self._outbox = self._outbox, []
+                await self._call.write(pb.StreamRequest(operations=batch))
+        except (grpc.RpcError, asyncio.InvalidStateError) as e:
+            self._fail(f"stream write failed: {_describe(e)}")
+        except asyncio.CancelledError:
+            pass
+
+    async def _reader(self) -> None:
+        try:
+            async for response in self._call:
+                pending = self._pending
+                for result in response.results:
+                    cb = pending.pop(result.id, None)
+                    if cb is not None:
+                        cb(result)
+            self._fail("signer ended the stream")
+        except grpc.RpcError as e:
+            self._fail(f"stream broken: {_describe(e)}")
+        except asyncio.CancelledError:
+            pass
+
+    def _fail(self, why: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.failure = why
+            log.debug("signer stream failed: %s", why)
+        self._wake.set()
+        pending, self._pending = self._pending, {}
+        self._outbox = []
+        for op_id, cb in pending.items():
+            cb(_unavailable(op_id, why))
+
+    async def close(self) -> None:
+        self._fail("stream closed by caller")
+        if self._call is not None:
+            self._call.cancel()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, grpc.RpcError):
+                await t
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
+        return f"{e.code().name}: {e.details()}"
+    return type(e).__name__
+
+
+def _unavailable(op_id: int, why: str) -> pb.OperationResult:
+    return pb.OperationResult(
+        id=op_id, error=pb.Status(code=grpc.StatusCode.UNAVAILABLE.value[0], message=why)
+    )
+
+
+class SyncSignerClient:
+    """The same calls as SignerClient, blocking, for threaded applications."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        ca: Path | str | None = None,
+        cert: Path | str | None = None,
+        key: Path | str | None = None,
+        insecure: bool = False,
+        server_name: str | None = None,
+    ) -> None:
+        creds = _credentials(ca, cert, key, insecure)
+        opts = _options(server_name)
+        if creds is None:
+            self.channel = grpc.insecure_channel(target, options=opts)
+        else:
+            self.channel = grpc.secure_channel(target, creds, options=opts)
+        self.stub = pb_grpc.SignerStub(self.channel)  # type: ignore[no-untyped-call]
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def sign(
+        self,
+        key: bytes | str,
+        algorithm: pb.Algorithm,
+        data: bytes,
+        *,
+        timeout: float = 5.0,
+    ) -> bytes:
+        req = pb.SignRequest(key=selector(key), algorithm=algorithm, data=data)
+        try:
+            return self.stub.Sign(req, timeout=timeout).signature  # type: ignore[no-any-return]
+        except grpc.RpcError as e:
+            raise SignerError.from_rpc(e) from None
+
+    def decrypt(
+        self,
+        key: bytes | str,
+        ciphertext: bytes,
+        *,
+        mode: pb.DecryptMode = pb.DECRYPT_MODE_RAW,
+        timeout: float = 5.0,
+    ) -> bytes:
+        req = pb.DecryptRequest(key=selector(key), mode=mode, ciphertext=ciphertext)
+        try:
+            return self.stub.Decrypt(req, timeout=timeout).plaintext  # type: ignore[no-any-return]
+        except grpc.RpcError as e:
+            raise SignerError.from_rpc(e) from None
+
+    def list_keys(self, *, timeout: float = 5.0) -> pb.ListKeysResponse:
+        try:
+            return self.stub.ListKeys(pb.ListKeysRequest(), timeout=timeout)  # type: ignore[no-any-return]
+        except grpc.RpcError as e:
+            raise SignerError.from_rpc(e) from None
+
+    def health(self, service: str = "", *, timeout: float = 2.0) -> int:
+        try:
+            resp = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout
+            )
+        except grpc.RpcError as e:
+            raise SignerError.from_rpc(e) from None
+        return int(resp.status)

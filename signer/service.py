@@ -1,0 +1,319 @@
+"""The Signer gRPC servicer: turns Signer API calls into HSM jobs.
+
+The HSM work itself runs on the token's worker threads (signer.hsm.pool), one PKCS#11
+session each; this module stays on the event loop and never blocks it. The Stream
+method is the fast path: each StreamRequest batch becomes one job batch for one worker
+(so the thread hand-off is paid once per batch, not once per signature), and results
+are written back as they complete, coalesced into as few messages as the writer can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import grpc
+
+from signer.hsm.errors import HsmError
+from signer.hsm.keys import KeyInfo
+from signer.hsm.pool import Job, Token
+from signer.v1 import signer_pb2 as pb
+from signer.v1 import signer_pb2_grpc as pb_grpc
+
+log = logging.getLogger("keyward.signer")
+
+# One StreamRequest may carry at most this many operations; more is a caller bug that
+# would otherwise let one message monopolise a worker.
+MAX_BATCH = 1024
+
+
+class KeyIndex:
+    """SKI and label lookup over the token's current key set."""
+
+    __slots__ = ("by_label", "by_ski", "generation", "keys")
+
+    def __init__(self, keys: Sequence[KeyInfo], generation: int) -> None:
+        self.keys = list(keys)
+        self.generation = generation
+        self.by_ski = {k.ski: k for k in keys}
+        self.by_label: dict[str, KeyInfo] = {}
+        for k in keys:
+            # A label shared by several keys is ambiguous: such keys are reachable by
+            # SKI only.
+            if k.label in self.by_label:
+                self.by_label[k.label] = None  # type: ignore[assignment]
+            else:
+                self.by_label[k.label] = k
+
+    def find(self, selector: pb.KeySelector) -> KeyInfo:
+        which = selector.WhichOneof("selector")
+        if which == "ski":
+            if len(selector.ski) != 20:
+                raise HsmError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"an SKI is 20 bytes, got {len(selector.ski)}",
+                )
+            key = self.by_ski.get(selector.ski)
+            if key is None:
+                raise HsmError(grpc.StatusCode.NOT_FOUND, f"no key with SKI {selector.ski.hex()}")
+            return key
+        if which == "label":
+            if selector.label not in self.by_label:
+                raise HsmError(grpc.StatusCode.NOT_FOUND, f"no key labelled {selector.label!r}")
+            found = self.by_label[selector.label]
+            if found is None:
+                raise HsmError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"several keys are labelled {selector.label!r}: choose one by SKI",
+                )
+            return found
+        raise HsmError(grpc.StatusCode.INVALID_ARGUMENT, "no key selected (set ski or label)")
+
+
+def _deadline(timeout_us: int, now: float) -> float | None:
+    return now + timeout_us / 1e6 if timeout_us else None
+
+
+class SignerService(pb_grpc.SignerServicer):
+    def __init__(
+        self,
+        token: Token,
+        *,
+        signer_id: str,
+        allowed_clients: Sequence[str] = (),
+        key_changes: asyncio.Condition | None = None,
+    ) -> None:
+        self._token = token
+        self._signer_id = signer_id
+        self._allowed = frozenset(allowed_clients)
+        self._index = KeyIndex(token.keys(), token.generation)
+        self.key_changes = key_changes or asyncio.Condition()
+        self.draining = False
+
+    # -- key set -------------------------------------------------------------------
+
+    def index(self) -> KeyIndex:
+        if self._index.generation != self._token.generation:
+            self._index = KeyIndex(self._token.keys(), self._token.generation)
+        return self._index
+
+    def _key_set(self) -> pb.ListKeysResponse:
+        index = self.index()
+        return pb.ListKeysResponse(
+            keys=[k.to_proto() for k in index.keys],
+            generation=index.generation,
+            signer_id=self._signer_id,
+            token=self._token.description,
+        )
+
+    async def notify_key_change(self) -> None:
+        async with self.key_changes:
+            self.key_changes.notify_all()
+
+    # -- access --------------------------------------------------------------------
+
+    async def _authorize(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if not self._allowed:
+            return
+        auth = context.auth_context()
+        names = {n.decode(errors="replace") for n in auth.get("x509_common_name", [])}
+        if not names & self._allowed:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "this client certificate is not in allowed_clients",
+            )
+
+    async def _check_serving(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "signer is shutting down")
+
+    # -- building jobs ---------------------------------------------------------------
+
+    def _job(self, op: pb.Operation | pb.SignRequest | pb.DecryptRequest, now: float) -> Job:
+        """A job for one request; raises HsmError for requests that cannot be run."""
+        timeout_us = 0
+        if isinstance(op, pb.Operation):
+            timeout_us = op.timeout_us
+            which = op.WhichOneof("op")
+            if which == "sign":
+                op = op.sign
+            elif which == "decrypt":
+                op = op.decrypt
+            else:
+                raise HsmError(
+                    grpc.StatusCode.INVALID_ARGUMENT, "operation has neither sign nor decrypt"
+                )
+        key = self.index().find(op.key)
+        if isinstance(op, pb.SignRequest):
+            return Job(
+                key=key, algorithm=op.algorithm, data=op.data, deadline=_deadline(timeout_us, now)
+            )
+        return Job(
+            key=key, decrypt_mode=op.mode, data=op.ciphertext, deadline=_deadline(timeout_us, now)
+        )
+
+    async def _run_one(self, job: Job, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        deadline = context.time_remaining()
+        if deadline is not None and job.deadline is None:
+            job.deadline = time.monotonic() + deadline
+        try:
+            results = await asyncio.wrap_future(self._token.submit([job]))
+        except HsmError as e:
+            await context.abort(e.code, e.message)
+            raise  # unreachable: abort raises
+        result = results[0]
+        if isinstance(result, HsmError):
+            await context.abort(result.code, result.message)
+        assert isinstance(result, bytes)
+        return result
+
+    # -- unary RPCs ----------------------------------------------------------------
+
+    async def Sign(
+        self, request: pb.SignRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SignResponse:
+        await self._authorize(context)
+        await self._check_serving(context)
+        try:
+            job = self._job(request, time.monotonic())
+        except HsmError as e:
+            await context.abort(e.code, e.message)
+        return pb.SignResponse(signature=await self._run_one(job, context))
+
+    async def Decrypt(
+        self, request: pb.DecryptRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DecryptResponse:
+        await self._authorize(context)
+        await self._check_serving(context)
+        try:
+            job = self._job(request, time.monotonic())
+        except HsmError as e:
+            await context.abort(e.code, e.message)
+        return pb.DecryptResponse(plaintext=await self._run_one(job, context))
+
+    async def ListKeys(
+        self, request: pb.ListKeysRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListKeysResponse:
+        await self._authorize(context)
+        return self._key_set()
+
+    async def WatchKeys(
+        self, request: pb.WatchKeysRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.ListKeysResponse]:
+        await self._authorize(context)
+        sent = -1
+        while not self.draining:
+            current = self.index().generation
+            if current != sent:
+                sent = current
+                yield self._key_set()
+            async with self.key_changes:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.key_changes.wait(), timeout=30.0)
+
+    # -- the streaming fast path ---------------------------------------------------
+
+    async def Stream(
+        self,
+        request_iterator: AsyncIterator[pb.StreamRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.StreamResponse]:
+        await self._authorize(context)
+        loop = asyncio.get_running_loop()
+        ready: list[pb.OperationResult] = []
+        wakeup = asyncio.Event()
+        pending = 0
+        reading = True
+
+        def deliver(ids: list[int], fut: Future[list[bytes | HsmError]]) -> None:
+            # Runs on the event loop (via call_soon_threadsafe).
+            nonlocal pending
+            pending -= len(ids)
+            try:
+                outputs: Sequence[bytes | HsmError] = fut.result()
+            except HsmError as e:
+                outputs = [e] * len(ids)
+            except Exception as e:  # a worker bug must not kill the stream
+                log.exception("HSM batch failed unexpectedly")
+                outputs = [
+                    HsmError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
+                ] * len(ids)
+            for op_id, out in zip(ids, outputs, strict=True):
+                if isinstance(out, bytes):
+                    ready.append(pb.OperationResult(id=op_id, output=out))
+                else:
+                    ready.append(_error_result(op_id, out))
+            wakeup.set()
+
+        def on_done(ids: list[int]) -> Callable[[Future[list[bytes | HsmError]]], None]:
+            def done(fut: Future[list[bytes | HsmError]]) -> None:
+                loop.call_soon_threadsafe(deliver, ids, fut)
+
+            return done
+
+        async def read() -> None:
+            nonlocal pending, reading
+            try:
+                async for request in request_iterator:
+                    ops = request.operations
+                    if len(ops) > MAX_BATCH:
+                        err = HsmError(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"a StreamRequest carries at most {MAX_BATCH} operations",
+                        )
+                        ready.extend(_error_result(op.id, err) for op in ops)
+                        wakeup.set()
+                        continue
+                    now = time.monotonic()
+                    jobs: list[Job] = []
+                    ids: list[int] = []
+                    for op in ops:
+                        if self.draining:
+                            ready.append(_error_result(op.id, DRAINING))
+                            continue
+                        try:
+                            jobs.append(self._job(op, now))
+                            ids.append(op.id)
+                        except HsmError as e:
+                            ready.append(_error_result(op.id, e))
+                    if jobs:
+                        try:
+                            fut = self._token.submit(jobs)
+                        except HsmError as e:
+                            ready.extend(_error_result(i, e) for i in ids)
+                        else:
+                            pending += len(jobs)
+                            fut.add_done_callback(on_done(ids))
+                    if ready:
+                        wakeup.set()
+            finally:
+                reading = False
+                wakeup.set()
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                await wakeup.wait()
+                wakeup.clear()
+                if ready:
+                    batch = ready[:]
+                    ready.clear()
+                    yield pb.StreamResponse(results=batch)
+                if not reading and pending == 0 and not ready:
+                    break
+        finally:
+            reader.cancel()
+
+
+DRAINING = HsmError(grpc.StatusCode.UNAVAILABLE, "signer is shutting down")
+
+
+def _error_result(op_id: int, err: HsmError) -> pb.OperationResult:
+    return pb.OperationResult(
+        id=op_id, error=pb.Status(code=err.code.value[0], message=err.message)
+    )
