@@ -1,0 +1,90 @@
+"""The gateway process: router to the signers, keyless listener, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import ssl
+from typing import Any
+
+from gateway.config import GatewayConfig
+from gateway.router import Router, SignerTLS
+from gateway.server import KeylessServer, Limits
+from signer.common.tls import keyless_server_context
+
+log = logging.getLogger("keyward.gateway")
+
+
+def _exception_handler(server: KeylessServer) -> Any:
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, ssl.SSLError | ConnectionResetError | BrokenPipeError):
+            # A refused client certificate or a load balancer's TCP probe: routine,
+            # so counted and logged at debug, not dumped as an error.
+            server.stats.handshake_failures += 1
+            log.debug("TLS handshake failed: %s", getattr(exc, "reason", None) or exc)
+            return
+        loop.default_exception_handler(context)
+
+    return handle
+
+
+async def serve(config: GatewayConfig, *, announce: bool = True) -> None:
+    tls = config.signer_tls
+    router = Router(
+        config.signers,
+        SignerTLS(
+            tls.ca,
+            tls.cert,
+            tls.key,
+            insecure=config.signer_insecure,
+            server_name=config.signer_server_name,
+        ),
+        request_timeout=config.request_timeout,
+    )
+    assert config.auth_cert and config.auth_key and config.cloudflare_ca_cert
+    ctx = keyless_server_context(config.auth_cert, config.auth_key, config.cloudflare_ca_cert)
+    await router.start()
+    server = KeylessServer(
+        router,
+        ctx,
+        Limits(
+            max_conn_pending=config.max_conn_pending_requests,
+            max_pending=config.max_pending_requests,
+            idle_timeout=config.tcp_timeout,
+        ),
+    )
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_exception_handler(server))
+    try:
+        port = await server.listen_tcp(config.bind_address, config.port)
+        if config.unix_socket is not None:
+            config.unix_socket.unlink(missing_ok=True)
+            await server.listen_unix(str(config.unix_socket))
+        if not await router.wait_ready(timeout=10.0):
+            log.warning("no signer is usable yet; requests get ErrInternal until one is")
+        if announce:
+            host = config.bind_address
+            shown = f"[{host}]" if ":" in host else host
+            print(f"ready gateway listen={shown}:{port}", flush=True)
+        log.info(
+            "gateway serving",
+            extra={"port": port, "signers": len(config.signers), "keys": len(router.routes)},
+        )
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("draining")
+        await server.close()
+    finally:
+        await router.close()
+    log.info("gateway stopped")
+
+
+def main(config: GatewayConfig) -> int:
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(config))
+    return 0

@@ -1,0 +1,285 @@
+"""``keyward bench``: a keyless load generator.
+
+Opens N mutual-TLS connections to a key server, keeps a fixed number of requests in
+flight on each, and runs for a set time. A sample of the answers is verified against
+the key's public half; a wrong answer or an error reply counts as an error, never as
+throughput. Reports ops/s and p50/p90/p99/max latency as text, or JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import ssl
+import time
+from array import array
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+
+from gateway.client import KeylessClient
+from gateway.protocol import Op, Operation, Response, encode_packet
+from gateway.selfcheck import PublicKey, ski_of, verify
+from signer.common.cli import CommandError, add_logging_flags
+from signer.common.tls import keyless_client_context
+
+OPERATIONS: dict[str, tuple[int, str]] = {
+    "ping": (Op.PING, ""),
+    "ecdsa-sha256": (Op.ECDSA_SIGN_SHA256, "sha256"),
+    "ecdsa-sha384": (Op.ECDSA_SIGN_SHA384, "sha384"),
+    "rsa-sha256": (Op.RSA_SIGN_SHA256, "sha256"),
+    "rsa-pss-sha256": (Op.RSA_PSS_SIGN_SHA256, "sha256"),
+    "ed25519": (Op.ED25519_SIGN, ""),
+}
+MESSAGE = b"Hello!"
+
+
+@dataclass(slots=True)
+class Result:
+    operation: str
+    connections: int
+    in_flight: int
+    duration_s: float
+    ops: int
+    errors: int
+    verified: int
+    ops_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+
+    def text(self) -> str:
+        return (
+            f"{self.operation}: {self.ops_per_s:,.0f} ops/s over {self.duration_s:.1f}s "
+            f"({self.connections} connections x {self.in_flight} in flight); "
+            f"latency p50 {self.p50_ms:.3f} ms, p90 {self.p90_ms:.3f} ms, "
+            f"p99 {self.p99_ms:.3f} ms, max {self.max_ms:.3f} ms; "
+            f"{self.errors} errors, {self.verified} answers verified"
+        )
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[i]
+
+
+class _Worker:
+    """One connection: keeps ``depth`` requests in flight until ``stop_at``."""
+
+    def __init__(
+        self,
+        client: KeylessClient,
+        body: bytes,
+        depth: int,
+        stop_at: float,
+        check: Any,
+        verify_every: int,
+        latencies: array[float],
+    ) -> None:
+        self.client = client
+        self.body = body  # the packet with a zero id; the id is patched per request
+        self.depth = depth
+        self.stop_at = stop_at
+        self.check = check
+        self.verify_every = verify_every
+        self.latencies = latencies
+        self.sent: dict[int, float] = {}
+        self.next_id = 0
+        self.errors = 0
+        self.verified = 0
+        self.done = asyncio.get_running_loop().create_future()
+        self.count = 0
+
+    def start(self) -> None:
+        for _ in range(self.depth):
+            self._send()
+
+    def _send(self) -> None:
+        rid = self.next_id
+        self.next_id = (rid + 1) & 0xFFFFFFFF
+        b = self.body
+        packet = b[:4] + rid.to_bytes(4, "big") + b[8:]
+        self.sent[rid] = time.perf_counter()
+        self.client.submit(rid, packet, self._on_response)
+
+    def _on_response(self, resp: Response | None) -> None:
+        now = time.perf_counter()
+        if resp is None:
+            self.errors += 1
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        t0 = self.sent.pop(resp.request_id, now)
+        self.latencies.append(now - t0)
+        self.count += 1
+        if resp.opcode not in (Op.RESPONSE, Op.PONG):
+            self.errors += 1
+        elif self.count % self.verify_every == 0:
+            if self.check(resp.payload):
+                self.verified += 1
+            else:
+                self.errors += 1
+        if now < self.stop_at:
+            self._send()
+        elif not self.sent and not self.done.done():
+            self.done.set_result(None)
+
+
+async def run_load(
+    host: str,
+    port: int,
+    ctx: ssl.SSLContext,
+    *,
+    operation: str,
+    public_key: PublicKey | None,
+    connections: int,
+    in_flight: int,
+    duration: float,
+    warmup: float = 1.0,
+    server_name: str | None = None,
+    verify_every: int = 100,
+) -> Result:
+    opcode, hash_name = OPERATIONS[operation]
+    ski = ski_of(public_key) if public_key is not None else b""
+    if opcode == Op.PING:
+        payload = MESSAGE
+    elif hash_name:
+        payload = hashlib.new(hash_name, MESSAGE).digest()
+    else:
+        payload = MESSAGE
+    if opcode != Op.PING and public_key is None:
+        raise CommandError(f"--public-key is required for {operation}")
+    body = encode_packet(0, Operation(opcode=opcode, ski=ski, payload=payload))
+
+    def check(output: bytes) -> bool:
+        if opcode == Op.PING:
+            return output == payload
+        assert public_key is not None
+        try:
+            verify(public_key, operation, MESSAGE, output, b"")
+        except Exception:
+            return False
+        return True
+
+    clients = [
+        await KeylessClient.connect(host, port, ctx, server_hostname=server_name or host)
+        for _ in range(connections)
+    ]
+    try:
+        if warmup > 0:
+            await _phase(clients, body, in_flight, warmup, check, verify_every)
+        latencies, errors, verified, elapsed = await _phase(
+            clients, body, in_flight, duration, check, verify_every
+        )
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
+    ms = sorted(x * 1e3 for x in latencies)
+    return Result(
+        operation=operation,
+        connections=connections,
+        in_flight=in_flight,
+        duration_s=round(elapsed, 3),
+        ops=len(ms),
+        errors=errors,
+        verified=verified,
+        ops_per_s=round(len(ms) / elapsed, 1) if elapsed else 0.0,
+        p50_ms=round(percentile(ms, 0.50), 3),
+        p90_ms=round(percentile(ms, 0.90), 3),
+        p99_ms=round(percentile(ms, 0.99), 3),
+        max_ms=round(ms[-1], 3) if ms else 0.0,
+    )
+
+
+async def _phase(
+    clients: list[KeylessClient],
+    body: bytes,
+    depth: int,
+    duration: float,
+    check: Any,
+    verify_every: int,
+) -> tuple[array[float], int, int, float]:
+    latencies: array[float] = array("d")
+    start = time.perf_counter()
+    workers = [
+        _Worker(c, body, depth, start + duration, check, verify_every, latencies) for c in clients
+    ]
+    for w in workers:
+        w.start()
+    await asyncio.wait_for(asyncio.gather(*(w.done for w in workers)), duration + 30)
+    elapsed = time.perf_counter() - start
+    return (
+        latencies,
+        sum(w.errors for w in workers),
+        sum(w.verified for w in workers),
+        elapsed,
+    )
+
+
+def load_public_key(path: Path) -> PublicKey:
+    from cryptography import x509
+
+    data = path.read_bytes()
+    key: object
+    if b"CERTIFICATE" in data:
+        key = x509.load_pem_x509_certificate(data).public_key()
+    else:
+        key = serialization.load_pem_public_key(data)
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey):
+        raise CommandError(f"{path}: not an RSA, EC or Ed25519 public key")
+    return key
+
+
+def register_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    b = sub.add_parser("bench", help="keyless load generator: ops/s and latency percentiles")
+    b.add_argument("--keyserver", required=True, metavar="HOST:PORT")
+    b.add_argument("--operation", choices=sorted(OPERATIONS), default="ecdsa-sha256")
+    b.add_argument(
+        "--public-key", type=Path, help="the key to use: its .pubkey (PEM) or certificate"
+    )
+    b.add_argument("--connections", type=int, default=32)
+    b.add_argument("--in-flight", type=int, default=8, help="requests in flight per connection")
+    b.add_argument("--duration", type=float, default=10.0, help="seconds (after a 1 s warm-up)")
+    b.add_argument("--ca", type=Path)
+    b.add_argument("--cert", type=Path)
+    b.add_argument("--key", type=Path, help="client certificate's key")
+    b.add_argument("--server-name")
+    b.add_argument("--json", action="store_true")
+    add_logging_flags(b)
+    b.set_defaults(handler=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from gateway.cli import split_address
+
+    host, port = split_address(args.keyserver)
+    ctx = keyless_client_context(args.ca, args.cert, args.key)
+    pub = load_public_key(args.public_key) if args.public_key else None
+    result = asyncio.run(
+        run_load(
+            host,
+            port,
+            ctx,
+            operation=args.operation,
+            public_key=pub,
+            connections=args.connections,
+            in_flight=args.in_flight,
+            duration=args.duration,
+            server_name=args.server_name,
+        )
+    )
+    print(json.dumps(asdict(result)) if args.json else result.text())
+    return 0 if result.errors == 0 else 1
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1

@@ -1,0 +1,342 @@
+"""The keyless listener: a thin asyncio adapter over the sans-I/O protocol core.
+
+Each TLS connection is an ``asyncio.Protocol`` (measured faster than streams here)
+that feeds bytes to a ``KeylessConnection`` and acts on its events. Requests are
+pipelined: each is handed to the router at once and answered whenever its signer
+answers, in any order, with its id echoed. Answers produced in one event-loop
+iteration are written together, which makes fewer, larger TLS records.
+
+Backpressure: a connection with ``max_conn_pending_requests`` requests in flight, or
+any connection while the whole gateway has ``max_pending_requests``, stops reading
+until answers drain; TCP then pushes back on the client, as gokeyless does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gateway.dispatch import (
+    DECRYPT_OPCODES,
+    RESPONSE_OPCODES,
+    SIGN_ALGORITHMS,
+    keyless_error,
+)
+from gateway.protocol import (
+    BadRequest,
+    ConnectionClosed,
+    ErrorCode,
+    KeylessConnection,
+    Op,
+    Request,
+    encode_error,
+    encode_pong,
+    encode_response,
+)
+from gateway.router import Router
+from signer.common.tls import peer_identity
+from signer.v1 import signer_pb2 as pb
+
+log = logging.getLogger("keyward.gateway")
+
+
+@dataclass(slots=True)
+class Limits:
+    max_conn_pending: int = 1024
+    max_pending: int = 65536
+    idle_timeout: float = 30.0
+    drain_timeout: float = 5.0
+
+
+@dataclass(slots=True)
+class Stats:
+    connections: int = 0
+    requests: int = 0
+    in_flight: int = 0
+    errors_sent: int = 0
+    handshake_failures: int = 0
+    paused: set[KeylessProtocol] = field(default_factory=set)
+
+
+class KeylessProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_closing",
+        "_conn",
+        "_flush_scheduled",
+        "_in_flight",
+        "_last_activity",
+        "_out",
+        "_paused",
+        "_server",
+        "_transport",
+        "peer",
+    )
+
+    def __init__(self, server: KeylessServer) -> None:
+        self._server = server
+        self._conn = KeylessConnection()
+        self._transport: asyncio.Transport | None = None
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._in_flight = 0
+        self._paused = False
+        self._closing = False
+        self._last_activity = time.monotonic()
+        self.peer = "-"
+
+    # -- asyncio callbacks -----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        ssl_obj = transport.get_extra_info("ssl_object")
+        if isinstance(ssl_obj, ssl.SSLObject):
+            self.peer = peer_identity(ssl_obj.getpeercert(binary_form=True))
+        self._server.connections.add(self)
+        self._server.stats.connections += 1
+        log.debug(
+            "connection from %s",
+            self.peer,
+            extra={"peer": self.peer, "addr": str(transport.get_extra_info("peername"))},
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self._server.stats.paused.discard(self)
+        self._transport = None
+        log.debug("connection closed", extra={"peer": self.peer, "error": str(exc or "")})
+
+    def eof_received(self) -> bool | None:
+        for event in self._conn.receive_eof():
+            if isinstance(event, ConnectionClosed) and not event.clean:
+                log.debug("peer closed mid-packet", extra={"peer": self.peer})
+        if self._in_flight:
+            # Half-closed by the client: finish what it asked, then close.
+            self._closing = True
+            return True
+        return None
+
+    def data_received(self, data: bytes) -> None:
+        self._last_activity = time.monotonic()
+        server = self._server
+        for event in self._conn.receive_data(data):
+            if isinstance(event, Request):
+                server.stats.requests += 1
+                self._handle(event)
+            elif isinstance(event, BadRequest):
+                server.stats.requests += 1
+                log.debug(
+                    "bad request",
+                    extra={"peer": self.peer, "reason": event.reason, "code": int(event.code)},
+                )
+                self._send_error(event.request_id, event.code)
+
+    # -- requests --------------------------------------------------------------------
+
+    def _handle(self, req: Request) -> None:
+        op = req.operation
+        opcode = op.opcode
+        rid = req.request_id
+        if opcode == Op.PING:
+            self._write(encode_pong(rid, op.payload))
+            return
+        algorithm = SIGN_ALGORITHMS.get(opcode)
+        decrypt = opcode in DECRYPT_OPCODES
+        if algorithm is None and not decrypt:
+            code = (
+                ErrorCode.UNEXPECTED_OPCODE if opcode in RESPONSE_OPCODES else ErrorCode.BAD_OPCODE
+            )
+            self._send_error(rid, code)
+            return
+        if not op.ski:
+            self._send_error(rid, ErrorCode.FORMAT)
+            return
+        route = self._server.router.route(op.ski)
+        if route is None:
+            self._send_error(rid, ErrorCode.KEY_NOT_FOUND)
+            return
+        key = pb.KeySelector(ski=op.ski)
+        if decrypt:
+            if not route.decrypt:
+                self._send_error(rid, ErrorCode.CRYPTO)
+                return
+            grpc_op = pb.Operation(
+                decrypt=pb.DecryptRequest(key=key, mode=pb.DECRYPT_MODE_RAW, ciphertext=op.payload)
+            )
+        else:
+            if algorithm not in route.algorithms:
+                self._send_error(rid, ErrorCode.CRYPTO)
+                return
+            grpc_op = pb.Operation(
+                sign=pb.SignRequest(key=key, algorithm=algorithm, data=op.payload)
+            )
+        self._begin()
+        self._server.router.execute(route, grpc_op, self._completion(rid))
+
+    def _completion(self, rid: int) -> Callable[[pb.OperationResult], None]:
+        def done(result: pb.OperationResult) -> None:
+            self._end()
+            if result.WhichOneof("result") == "output":
+                self._write(encode_response(rid, result.output))
+            else:
+                code = keyless_error(result.error.code)
+                log.info(
+                    "request failed",
+                    extra={
+                        "peer": self.peer,
+                        "id": rid,
+                        "code": code,
+                        "status": result.error.code,
+                        "detail": result.error.message,
+                    },
+                )
+                self._send_error(rid, code)
+
+        return done
+
+    def _send_error(self, rid: int, code: int) -> None:
+        self._server.stats.errors_sent += 1
+        self._write(encode_error(rid, code))
+
+    # -- flow control ------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        self._in_flight += 1
+        stats = self._server.stats
+        stats.in_flight += 1
+        limits = self._server.limits
+        if not self._paused and (
+            self._in_flight >= limits.max_conn_pending or stats.in_flight >= limits.max_pending
+        ):
+            self._pause()
+
+    def _end(self) -> None:
+        self._in_flight -= 1
+        stats = self._server.stats
+        stats.in_flight -= 1
+        if stats.paused and stats.in_flight < self._server.limits.max_pending:
+            for proto in list(stats.paused):
+                if proto._in_flight < self._server.limits.max_conn_pending:
+                    proto._resume()
+        if self._closing and self._in_flight == 0:
+            self._schedule_flush()
+
+    def _pause(self) -> None:
+        if self._transport is not None:
+            self._paused = True
+            self._server.stats.paused.add(self)
+            self._transport.pause_reading()
+
+    def _resume(self) -> None:
+        self._paused = False
+        self._server.stats.paused.discard(self)
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    # -- output ------------------------------------------------------------------------
+
+    def _write(self, packet: bytes) -> None:
+        self._out.append(packet)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._server.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        t = self._transport
+        if t is None or t.is_closing():
+            self._out.clear()
+            return
+        if self._out:
+            data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+            self._out.clear()
+            t.write(data)
+        if self._closing and self._in_flight == 0:
+            t.close()
+
+    def close_when_idle(self, now: float) -> None:
+        """Called by the server's sweeper: close after idle_timeout with nothing pending."""
+        t = self._transport
+        if t is None:
+            return
+        if self._in_flight == 0 and now - self._last_activity >= self._server.limits.idle_timeout:
+            log.debug("closing idle connection", extra={"peer": self.peer})
+            self._closing = True
+            self._schedule_flush()
+
+    def drain_and_close(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+        self._schedule_flush()
+
+
+class KeylessServer:
+    def __init__(self, router: Router, ssl_context: ssl.SSLContext, limits: Limits) -> None:
+        self.router = router
+        self.ssl_context = ssl_context
+        self.limits = limits
+        self.stats = Stats()
+        self.connections: set[KeylessProtocol] = set()
+        self.loop = asyncio.get_running_loop()
+        self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def listen_tcp(self, host: str, port: int) -> int:
+        srv = await self.loop.create_server(
+            lambda: KeylessProtocol(self),
+            host,
+            port,
+            ssl=self.ssl_context,
+            ssl_handshake_timeout=10.0,
+            backlog=1024,
+            reuse_address=True,
+        )
+        self._servers.append(srv)
+        self._start_sweeper()
+        return int(srv.sockets[0].getsockname()[1])
+
+    async def listen_unix(self, path: str) -> None:
+        srv = await self.loop.create_unix_server(
+            lambda: KeylessProtocol(self), path, ssl=self.ssl_context, ssl_handshake_timeout=10.0
+        )
+        self._servers.append(srv)
+        self._start_sweeper()
+
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_idle(), name="idle connections")
+
+    async def _sweep_idle(self) -> None:
+        interval = min(1.0, self.limits.idle_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for proto in list(self.connections):
+                proto.close_when_idle(now)
+
+    async def close(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), then close."""
+        for srv in self._servers:
+            srv.close()
+        for proto in list(self.connections):
+            proto.drain_and_close()
+        end = time.monotonic() + self.limits.drain_timeout
+        while self.connections and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        for proto in list(self.connections):
+            if proto._transport is not None:
+                proto._transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    def describe(self) -> str:
+        return json.dumps({"connections": len(self.connections), "in_flight": self.stats.in_flight})
