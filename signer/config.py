@@ -50,5 +50,10 @@ class SignerConfig:
     drain_timeout: Duration = setting(
         Duration(10.0), help="on SIGTERM, how long in-flight work may take", check=at_least(0)
     )
+    test_fault_file: Path | None = setting(
+        None,
+        help="TEST ONLY: a JSON file of HSM faults to inject (see signer/faults.py); "
+        "never set in production",
+    )
     log_level: str = setting("info", check=level_check)
     log_format: str = setting("text", check=one_of("text", "json"))

@@ -52,9 +52,20 @@ async def serve(config: SignerConfig, *, announce: bool = True) -> None:
     from signer.hsm.pool import Token  # needs python-pkcs11: only imported when serving
 
     loop = asyncio.get_running_loop()
+    injector = None
+    if config.test_fault_file is not None:
+        from signer.faults import FileFaultInjector
+
+        log.warning("HSM fault injection is on (test_fault_file): not for production")
+        injector = FileFaultInjector(config.test_fault_file)
     token = await loop.run_in_executor(
         None,
-        lambda: Token(config.pkcs11_uri, sessions=config.sessions, max_queue=config.max_queue),
+        lambda: Token(
+            config.pkcs11_uri,
+            sessions=config.sessions,
+            max_queue=config.max_queue,
+            fault_injector=injector,
+        ),
     )
     try:
         running = await _start(config, token)

@@ -30,6 +30,10 @@ log = logging.getLogger("keyward.signer")
 # One StreamRequest may carry at most this many operations; more is a caller bug that
 # would otherwise let one message monopolise a worker.
 MAX_BATCH = 1024
+# At most this many jobs go to one worker in one hand-off: enough to amortise the
+# thread round trip (about one ECDSA signature's worth), small enough that answers
+# flow back while a long message is still being worked through.
+MAX_CHUNK = 16
 
 
 class KeyIndex:
@@ -281,14 +285,20 @@ class SignerService(pb_grpc.SignerServicer):
                             ids.append(op.id)
                         except HsmError as e:
                             ready.append(_error_result(op.id, e))
-                    if jobs:
+                    # Split the message across the workers: one batch per worker
+                    # would make a slow job (RSA, or any call to a network HSM) delay
+                    # every fast one behind it, and leave the other sessions idle.
+                    size = min(MAX_CHUNK, -(-len(jobs) // self._token.session_count))
+                    for start in range(0, len(jobs), size or 1):
+                        chunk_jobs = jobs[start : start + size]
+                        chunk_ids = ids[start : start + size]
                         try:
-                            fut = self._token.submit(jobs)
+                            fut = self._token.submit(chunk_jobs)
                         except HsmError as e:
-                            ready.extend(_error_result(i, e) for i in ids)
+                            ready.extend(_error_result(i, e) for i in chunk_ids)
                         else:
-                            pending += len(jobs)
-                            fut.add_done_callback(on_done(ids))
+                            pending += len(chunk_jobs)
+                            fut.add_done_callback(on_done(chunk_ids))
                     if ready:
                         wakeup.set()
             finally:
