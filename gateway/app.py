@@ -12,6 +12,7 @@ from typing import Any
 from gateway.config import GatewayConfig
 from gateway.router import Router, SignerTLS
 from gateway.server import KeylessServer, Limits
+from signer.common.config import ConfigError
 from signer.common.tls import keyless_server_context
 
 log = logging.getLogger("keyward.gateway")
@@ -85,6 +86,13 @@ async def serve(config: GatewayConfig, *, announce: bool = True) -> None:
 
 
 def main(config: GatewayConfig) -> int:
+    runner: Any = asyncio.run
+    if config.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ConfigError("gateway.event_loop: uvloop is not installed") from None
+        runner = uvloop.run
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config))
+        runner(serve(config))
     return 0

@@ -33,16 +33,30 @@ from gateway.protocol import (
     ErrorCode,
     KeylessConnection,
     Op,
+    Operation,
     Request,
     encode_error,
     encode_pong,
     encode_response,
+    error_name,
+    op_name,
 )
 from gateway.router import Router
 from signer.common.tls import peer_identity
 from signer.v1 import signer_pb2 as pb
 
 log = logging.getLogger("keyward.gateway")
+
+
+def request_id_of(req_context: bytes) -> str:
+    """The ``request_id`` of a tag 0x16 JSON object, or "" (only parsed for logs)."""
+    if not req_context:
+        return ""
+    try:
+        value = json.loads(req_context).get("request_id", "")
+    except (ValueError, AttributeError):
+        return ""
+    return str(value)[:128] if isinstance(value, str | int) else ""
 
 
 @dataclass(slots=True)
@@ -153,7 +167,9 @@ class KeylessProtocol(asyncio.Protocol):
             )
             self._send_error(rid, code)
             return
-        if not op.ski:
+        if not op.ski or not op.has_payload:
+            # Without an SKI there is no key to use, and a sign or decrypt without a
+            # payload item has nothing to work on: the request is malformed.
             self._send_error(rid, ErrorCode.FORMAT)
             return
         route = self._server.router.route(op.ski)
@@ -176,26 +192,32 @@ class KeylessProtocol(asyncio.Protocol):
                 sign=pb.SignRequest(key=key, algorithm=algorithm, data=op.payload)
             )
         self._begin()
-        self._server.router.execute(route, grpc_op, self._completion(rid))
+        self._server.router.execute(route, grpc_op, self._completion(rid, op))
 
-    def _completion(self, rid: int) -> Callable[[pb.OperationResult], None]:
+    def _completion(self, rid: int, op: Operation) -> Callable[[pb.OperationResult], None]:
         def done(result: pb.OperationResult) -> None:
             self._end()
             if result.WhichOneof("result") == "output":
                 self._write(encode_response(rid, result.output))
-            else:
-                code = keyless_error(result.error.code)
-                log.info(
-                    "request failed",
-                    extra={
-                        "peer": self.peer,
-                        "id": rid,
-                        "code": code,
-                        "status": result.error.code,
-                        "detail": result.error.message,
-                    },
-                )
-                self._send_error(rid, code)
+                return
+            code = keyless_error(result.error.code)
+            # Identify the request for the operator: its id and key, the edge's
+            # request_id (tag 0x16) and the peer certificate; never the payload.
+            log.info(
+                "request failed",
+                extra={
+                    "peer": self.peer,
+                    "id": rid,
+                    "opcode": op_name(op.opcode),
+                    "ski": op.ski.hex(),
+                    "request_id": request_id_of(op.req_context),
+                    "sni": op.sni.decode(errors="replace"),
+                    "code": error_name(code),
+                    "status": result.error.code,
+                    "detail": result.error.message,
+                },
+            )
+            self._send_error(rid, code)
 
         return done
 
@@ -228,6 +250,14 @@ class KeylessProtocol(asyncio.Protocol):
 
     def _pause(self) -> None:
         if self._transport is not None:
+            log.debug(
+                "reads paused",
+                extra={
+                    "peer": self.peer,
+                    "in_flight": self._in_flight,
+                    "total_in_flight": self._server.stats.in_flight,
+                },
+            )
             self._paused = True
             self._server.stats.paused.add(self)
             self._transport.pause_reading()
