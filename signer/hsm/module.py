@@ -65,7 +65,7 @@ import pkcs11
 
 from signer.hsm.errors import HsmError, ckr_text, classify
 
-__all__ = ["CKF_OS_LOCKING_OK", "Pkcs11Module", "SessionState", "open_module"]
+__all__ = ["CKF_OS_LOCKING_OK", "Pkcs11Module", "SessionState", "open_module", "opened_module"]
 
 log = logging.getLogger(__name__)
 
