@@ -211,29 +211,48 @@ class SignerClient:
 Callback = Callable[[pb.OperationResult], None]
 
 
+class _Batch:
+    __slots__ = ("remaining",)
+
+    def __init__(self, remaining: int) -> None:
+        self.remaining = remaining
+
+
 class OperationStream:
-    """Many operations over one Stream call, batched per event-loop iteration.
+    """Many operations over one Stream call, batched adaptively.
 
     ``submit`` never blocks and never raises for a remote failure: every submitted
     operation gets exactly one callback with its OperationResult, an UNAVAILABLE one if
     the stream breaks first. Ids are assigned here; callers keep their own context in
     the callback's closure.
+
+    Batching needs no timer: at most ``window`` messages are unanswered at a time, and
+    operations submitted while the window is full wait in the outbox and leave together
+    in the next message. A lone operation goes out at once; under load, messages grow
+    to whatever the signer can take per round trip, which is what makes Python gRPC's
+    per-message cost affordable. The signer splits a large message across its sessions,
+    so a small window does not serialise the HSM.
     """
 
-    def __init__(self, stub: pb_grpc.SignerStub) -> None:
+    def __init__(self, stub: pb_grpc.SignerStub, *, window: int = 2) -> None:
         self._stub = stub
         self._call: Any = None
-        self._pending: dict[int, Callback] = {}
+        self._pending: dict[int, tuple[Callback, _Batch]] = {}
         self._outbox: list[pb.Operation] = []
+        self._outbox_callbacks: list[Callback] = []
         self._next_id = 1
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._window = window
+        self._unanswered = 0  # messages with at least one operation still pending
         self.closed = False
         self.failure: str | None = None
+        self.messages_sent = 0
+        self.operations_sent = 0
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._outbox)
 
     async def start(self) -> None:
         self._call = self._stub.Stream()
@@ -249,19 +268,28 @@ class OperationStream:
         op_id = self._next_id
         self._next_id = op_id + 1 if op_id < 0xFFFF_FFFF_FFFF else 1
         op.id = op_id
-        self._pending[op_id] = callback
         self._outbox.append(op)
-        self._wake.set()
+        self._outbox_callbacks.append(callback)
+        if self._unanswered < self._window:
+            self._wake.set()
 
     async def _writer(self) -> None:
         try:
             while not self.closed:
                 await self._wake.wait()
                 self._wake.clear()
-                if not self._outbox:
+                if not self._outbox or self._unanswered >= self._window:
                     continue
-                batch, self._outbox = self._outbox, []
-                await self._call.write(pb.StreamRequest(operations=batch))
+                ops, self._outbox = self._outbox, []
+                callbacks, self._outbox_callbacks = self._outbox_callbacks, []
+                batch = _Batch(len(ops))
+                pending = self._pending
+                for op, cb in zip(ops, callbacks, strict=True):
+                    pending[op.id] = (cb, batch)
+                self._unanswered += 1
+                self.messages_sent += 1
+                self.operations_sent += len(ops)
+                await self._call.write(pb.StreamRequest(operations=ops))
         except (grpc.RpcError, asyncio.InvalidStateError) as e:
             self._fail(f"stream write failed: {_describe(e)}")
         except asyncio.CancelledError:
@@ -272,9 +300,16 @@ class OperationStream:
             async for response in self._call:
                 pending = self._pending
                 for result in response.results:
-                    cb = pending.pop(result.id, None)
-                    if cb is not None:
-                        cb(result)
+                    entry = pending.pop(result.id, None)
+                    if entry is None:
+                        continue
+                    cb, batch = entry
+                    batch.remaining -= 1
+                    if batch.remaining == 0:
+                        self._unanswered -= 1
+                        if self._outbox:
+                            self._wake.set()
+                    cb(result)
             self._fail("signer ended the stream")
         except grpc.RpcError as e:
             self._fail(f"stream broken: {_describe(e)}")
@@ -287,9 +322,10 @@ class OperationStream:
             self.failure = why
             log.debug("signer stream failed: %s", why)
         self._wake.set()
-        pending, self._pending = self._pending, {}
-        self._outbox = []
-        for op_id, cb in pending.items():
+        failed = [(op_id, cb) for op_id, (cb, _) in self._pending.items()]
+        failed += [(op.id, cb) for op, cb in zip(self._outbox, self._outbox_callbacks, strict=True)]
+        self._pending, self._outbox, self._outbox_callbacks = {}, [], []
+        for op_id, cb in failed:
             cb(_unavailable(op_id, why))
 
     async def close(self) -> None:

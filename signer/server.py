@@ -131,12 +131,57 @@ async def _run_until_signal(config: SignerConfig, token: object, running: Runnin
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, refresh_now.set)
 
+    fault_seen = asyncio.Event()
+    # Called on a worker thread the moment a job hits an HSM fault.
+    def on_fault(error: object) -> None:
+        loop.call_soon_threadsafe(fault_seen.set)
+
+    token.on_fault = on_fault
+
+    async def set_health(serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await running.health.set(name, status)
+
+    async def recover() -> None:
+        """NOT_SERVING at once, then log in again and find the keys, with backoff."""
+        await set_health(False)
+        fault = token.last_fault
+        log.error(
+            "HSM fault: not serving until the token is back",
+            extra={"ckr": getattr(fault, "ckr", None) or "", "error": str(fault or "")},
+        )
+        delay = 0.5
+        while not token.healthy:
+            try:
+                await loop.run_in_executor(None, token.recover)
+            except Exception as e:
+                log.warning("HSM recovery failed; retrying in %.1fs: %s", delay, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        fault_seen.clear()
+        log.info("HSM recovered: serving", extra={"keys": len(token.keys())})
+        await running.service.notify_key_change()
+        await set_health(True)
+
+    async def watch_health() -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fault_seen.wait(), timeout=1.0)
+            if not token.healthy:
+                await recover()
+
     async def refresher() -> None:
-        serving = True
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(refresh_now.wait(), timeout=config.key_refresh_interval)
             refresh_now.clear()
+            if not token.healthy:
+                continue  # watch_health is on it
             before = token.generation
             try:
                 await loop.run_in_executor(None, token.refresh_keys)
@@ -148,21 +193,12 @@ async def _run_until_signal(config: SignerConfig, token: object, running: Runnin
                     extra={"keys": len(token.keys()), "generation": token.generation},
                 )
                 await running.service.notify_key_change()
-            healthy = token.healthy
-            if healthy != serving:
-                serving = healthy
-                status = (
-                    health_pb2.HealthCheckResponse.SERVING
-                    if healthy
-                    else health_pb2.HealthCheckResponse.NOT_SERVING
-                )
-                for name in ("", SERVICE_NAME):
-                    await running.health.set(name, status)
 
-    task = asyncio.create_task(refresher())
+    tasks = [asyncio.create_task(refresher()), asyncio.create_task(watch_health())]
     await stop.wait()
     log.info("draining", extra={"grace_s": config.drain_timeout})
-    task.cancel()
+    for task in tasks:
+        task.cancel()
     running.service.draining = True
     await running.health.enter_graceful_shutdown()
     await running.service.notify_key_change()

@@ -329,3 +329,65 @@ def test_bad_config_fails_at_start_naming_the_field(cluster: Cluster, tmp_path: 
     proc = subprocess.run([sys.executable, "-m", "signer.common.cli", "signer", "--config", str(bad)],
                           capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 2 and "did you mean signer.sessions" in proc.stderr
+
+
+def test_unix_socket(cluster: Cluster, tmp_path: Path) -> None:
+    sock = tmp_path / "signer.sock"
+    cluster.start_signer(sessions=1, unix_socket=str(sock))
+
+    async def go() -> int:
+        async with SignerClient(f"unix:{sock}", insecure=True) as c:
+            return len((await c.list_keys()).keys)
+
+    try:
+        assert asyncio.run(go()) == 4
+    finally:
+        svc = cluster.services.pop()
+        svc.stop()
+
+
+def test_hsm_fault_makes_the_signer_unhealthy_until_the_token_is_back(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    faults = tmp_path / "faults.json"
+    faults.write_text("")
+    svc = cluster.start_signer(sessions=1, test_fault_file=str(faults))
+    pki = cluster.pki
+
+    async def go() -> None:
+        async with SignerClient(svc.address, ca=pki.ca_pem, cert=pki.client.cert,
+                                key=pki.client.key, server_name="localhost") as c:
+            data = digest("SHA256")
+            await c.sign("k-p256", pb.ECDSA_SHA256, data)
+            assert await c.health() == health_pb2.HealthCheckResponse.SERVING
+            # The HSM "breaks": every call into it fails with CKR_DEVICE_ERROR.
+            faults.write_text(json.dumps({"error": "CKR_DEVICE_ERROR",
+                                          "calls": ["sign", "probe", "discover", "find_objects"]}))
+            await asyncio.sleep(0.3)
+            with pytest.raises(SignerError) as e:
+                await c.sign("k-p256", pb.ECDSA_SHA256, data, timeout=3)
+            # UNAVAILABLE (retryable elsewhere), never a crypto error the edge takes as final.
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+            for _ in range(50):
+                if await c.health() == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                await asyncio.sleep(0.1)
+            assert await c.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+            # The HSM comes back: the signer logs in again, finds its keys, serves.
+            faults.write_text("")
+            for _ in range(100):
+                if await c.health() == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.1)
+            assert await c.health() == health_pb2.HealthCheckResponse.SERVING
+            sig = await c.sign("k-p256", pb.ECDSA_SHA256, data)
+            key = next(k for k in (await c.list_keys()).keys if k.label == "k-p256")
+            verify(key, pb.ECDSA_SHA256, sig)
+
+    try:
+        asyncio.run(go())
+    finally:
+        cluster.services.remove(svc)
+        svc.stop()
+    log = svc.log.read_text()
+    assert "HSM fault: not serving" in log and "HSM recovered: serving" in log
