@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +111,28 @@ def _need_pkcs11() -> None:
         ) from None
 
 
+def _hsm_errors(
+    handler: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """Report HSM, PIN and key-file failures in one line, as every CLI error is."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        _need_pkcs11()
+        from signer.hsm.admin import KeyImportError
+        from signer.hsm.errors import HsmError
+        from signer.hsm.uri import UriError
+
+        try:
+            return handler(args)
+        except (HsmError, UriError, KeyImportError) as e:
+            raise CommandError(str(e)) from None
+
+    return run
+
+
+@_hsm_errors
 def run_signer(args: argparse.Namespace) -> int:
-    _need_pkcs11()
     config = load_signer_config(args)
     setup_logging(config.log_level, config.log_format)
     from signer.server import main
@@ -126,6 +148,7 @@ def _open_admin(args: argparse.Namespace) -> Any:
     return Token(config.pkcs11_uri, sessions=1)
 
 
+@_hsm_errors
 def run_keys_generate(args: argparse.Namespace) -> int:
     from signer.hsm import admin
 
@@ -138,6 +161,7 @@ def run_keys_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+@_hsm_errors
 def run_keys_import(args: argparse.Namespace) -> int:
     from signer.hsm import admin
 
@@ -160,6 +184,7 @@ def run_keys_import(args: argparse.Namespace) -> int:
     return 0
 
 
+@_hsm_errors
 def run_keys_list(args: argparse.Namespace) -> int:
     token = _open_admin(args)
     try:

@@ -5,8 +5,10 @@
 
 ``SignerClient`` is asyncio-first; ``SyncSignerClient`` offers the same calls for
 threaded code. Both speak mutual TLS (plain TCP only with ``insecure=True``), and both
-retry UNAVAILABLE on unary calls through gRPC's own retry policy, which is safe because
-every Signer operation is idempotent.
+ride out an unavailable signer on unary calls: by default a call waits, within its
+deadline, for the channel to (re)connect (``wait_for_ready``), and a call that fails
+with UNAVAILABLE is retried by gRPC's own retry policy. Both are safe because every
+Signer operation is idempotent. Pass ``wait_for_ready=False`` to fail fast instead.
 
 ``OperationStream`` is the high-throughput path over the Stream method: operations
 submitted in the same event-loop iteration travel in one message, results come back
@@ -123,8 +125,10 @@ class SignerClient:
         insecure: bool = False,
         server_name: str | None = None,
         options: list[tuple[str, Any]] | None = None,
+        wait_for_ready: bool = True,
     ) -> None:
         self.target = target
+        self.wait_for_ready = wait_for_ready
         creds = _credentials(ca, cert, key, insecure)
         opts = _options(server_name) + list(options or [])
         if creds is None:
@@ -155,7 +159,9 @@ class SignerClient:
     ) -> bytes:
         req = pb.SignRequest(key=selector(key), algorithm=algorithm, data=data)
         try:
-            resp: pb.SignResponse = await self.stub.Sign(req, timeout=timeout)
+            resp: pb.SignResponse = await self.stub.Sign(
+                req, timeout=timeout, wait_for_ready=self.wait_for_ready
+            )
         except grpc.RpcError as e:
             raise SignerError.from_rpc(e) from None
         return resp.signature
@@ -170,7 +176,9 @@ class SignerClient:
     ) -> bytes:
         req = pb.DecryptRequest(key=selector(key), mode=mode, ciphertext=ciphertext)
         try:
-            resp: pb.DecryptResponse = await self.stub.Decrypt(req, timeout=timeout)
+            resp: pb.DecryptResponse = await self.stub.Decrypt(
+                req, timeout=timeout, wait_for_ready=self.wait_for_ready
+            )
         except grpc.RpcError as e:
             raise SignerError.from_rpc(e) from None
         return resp.plaintext
@@ -178,7 +186,7 @@ class SignerClient:
     async def list_keys(self, *, timeout: float = 5.0) -> pb.ListKeysResponse:
         try:
             keys: pb.ListKeysResponse = await self.stub.ListKeys(
-                pb.ListKeysRequest(), timeout=timeout
+                pb.ListKeysRequest(), timeout=timeout, wait_for_ready=self.wait_for_ready
             )
         except grpc.RpcError as e:
             raise SignerError.from_rpc(e) from None
@@ -363,7 +371,9 @@ class SyncSignerClient:
         key: Path | str | None = None,
         insecure: bool = False,
         server_name: str | None = None,
+        wait_for_ready: bool = True,
     ) -> None:
+        self.wait_for_ready = wait_for_ready
         creds = _credentials(ca, cert, key, insecure)
         opts = _options(server_name)
         if creds is None:
@@ -394,7 +404,10 @@ class SyncSignerClient:
     ) -> bytes:
         req = pb.SignRequest(key=selector(key), algorithm=algorithm, data=data)
         try:
-            return self.stub.Sign(req, timeout=timeout).signature  # type: ignore[no-any-return]
+            resp: pb.SignResponse = self.stub.Sign(
+                req, timeout=timeout, wait_for_ready=self.wait_for_ready
+            )
+            return resp.signature
         except grpc.RpcError as e:
             raise SignerError.from_rpc(e) from None
 
@@ -408,13 +421,19 @@ class SyncSignerClient:
     ) -> bytes:
         req = pb.DecryptRequest(key=selector(key), mode=mode, ciphertext=ciphertext)
         try:
-            return self.stub.Decrypt(req, timeout=timeout).plaintext  # type: ignore[no-any-return]
+            resp: pb.DecryptResponse = self.stub.Decrypt(
+                req, timeout=timeout, wait_for_ready=self.wait_for_ready
+            )
+            return resp.plaintext
         except grpc.RpcError as e:
             raise SignerError.from_rpc(e) from None
 
     def list_keys(self, *, timeout: float = 5.0) -> pb.ListKeysResponse:
         try:
-            return self.stub.ListKeys(pb.ListKeysRequest(), timeout=timeout)  # type: ignore[no-any-return]
+            keys: pb.ListKeysResponse = self.stub.ListKeys(
+                pb.ListKeysRequest(), timeout=timeout, wait_for_ready=self.wait_for_ready
+            )
+            return keys
         except grpc.RpcError as e:
             raise SignerError.from_rpc(e) from None
 

@@ -15,6 +15,7 @@ DEFAULT_LISTEN = "127.0.0.1:2410"
 @dataclasses.dataclass(slots=True)
 class SignerConfig:
     pkcs11_uri: str = setting(
+        check=lambda v: None if v.startswith("pkcs11:") else "a pkcs11: URI",
         help="RFC 7512 URI of the token and keys: pkcs11:token=...;id=...?module-path=..."
         "&pin-source=file:/run/secrets/pin (pin-value works too but puts the PIN in the file)",
         secret=True,

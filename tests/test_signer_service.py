@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,10 +54,11 @@ def cluster(keyed_token: SoftHsmToken, pki: Pki,
     c.stop_all()
 
 
-def client(cluster: Cluster, issued: object | None = None) -> SignerClient:
+def client(cluster: Cluster, issued: object | None = None, *, wait: bool = True) -> SignerClient:
     who = issued or cluster.pki.gateway_signer_client
     return SignerClient(cluster.services[0].address, ca=cluster.pki.ca_pem,
-                        cert=who.cert, key=who.key, server_name="localhost")  # type: ignore[attr-defined]
+                        cert=who.cert, key=who.key, server_name="localhost",  # type: ignore[attr-defined]
+                        wait_for_ready=wait)
 
 
 def digest(name: str, message: bytes = MSG) -> bytes:
@@ -306,7 +309,7 @@ def test_callers_need_an_allowed_certificate(cluster: Cluster) -> None:
 
     # A certificate from another CA does not get through the TLS handshake at all.
     async def stranger() -> grpc.StatusCode:
-        async with client(cluster, pki.stranger) as c:
+        async with client(cluster, pki.stranger, wait=False) as c:
             with pytest.raises(SignerError) as e:
                 await c.list_keys(timeout=3)
             return e.value.code
@@ -391,3 +394,38 @@ def test_hsm_fault_makes_the_signer_unhealthy_until_the_token_is_back(
         svc.stop()
     log = svc.log.read_text()
     assert "HSM fault: not serving" in log and "HSM recovered: serving" in log
+
+
+def test_client_retries_unavailable_across_a_signer_restart(cluster: Cluster) -> None:
+    import threading
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = cluster.start_signer(sessions=1, listen=f"127.0.0.1:{port}")
+    pki = cluster.pki
+    restarted: list[object] = []
+
+    def restart() -> None:
+        time.sleep(0.3)
+        restarted.append(cluster.start_signer(sessions=1, listen=f"127.0.0.1:{port}"))
+
+    try:
+        with SyncSignerClient(first.address, ca=pki.ca_pem, cert=pki.client.cert,
+                              key=pki.client.key, server_name="localhost") as c:
+            data = digest("SHA256")
+            c.sign("k-p256", pb.ECDSA_SHA256, data)
+            first.stop()
+            t = threading.Thread(target=restart)
+            t.start()
+            # The signer is down when this call starts; gRPC's retry policy (UNAVAILABLE,
+            # backoff) carries it over to the restarted signer.
+            sig = c.sign("k-p256", pb.ECDSA_SHA256, data, timeout=20)
+            t.join()
+            key = next(k for k in c.list_keys().keys if k.label == "k-p256")
+            verify(key, pb.ECDSA_SHA256, sig)
+    finally:
+        for svc in [first, *restarted]:
+            if svc in cluster.services:
+                cluster.services.remove(svc)  # type: ignore[arg-type]
+            svc.stop()  # type: ignore[attr-defined]

@@ -63,4 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as `python -m signer.common.cli`, this file is the module __main__; hand over
+    # to the real signer.common.cli so that its exception classes are the ones the
+    # subcommands raise.
+    from signer.common.cli import main as _main
+
+    sys.exit(_main())

@@ -85,10 +85,10 @@ def host_port(value: str) -> str | None:
     if value.startswith("unix:"):
         return None if len(value) > 5 else "unix:/path"
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         return "host:port (for example 127.0.0.1:2407)"
-    if host.startswith("[") != host.endswith("]"):
-        return "host:port, with IPv6 hosts in brackets"
+    if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
+        return "host:port, with IPv6 hosts in brackets ([::1]:2410)"
     return None
 
 
@@ -147,7 +147,11 @@ def dump_config(obj: Any) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    return str(value) if isinstance(value, Path) else value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Duration):
+        return float(value)
+    return value
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -158,7 +162,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        # str(e) quotes the offending line, which may hold a PIN: report where, not what.
+        problem = getattr(e, "problem", None) or "syntax error"
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML: {problem}{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -222,7 +230,9 @@ def _build(schema: type[T], raw: Mapping[str, Any], prefix: str, sources: dict[s
         name = unknown[0]
         close = difflib.get_close_matches(str(name), list(fields), n=1)
         hint = f" (did you mean {_join(prefix, close[0])}?)" if close else ""
-        raise ConfigError(f"{_join(prefix, str(name))}: unknown setting{hint}")
+        source = sources.get(str(name))
+        where = f" (from {source})" if source else ""
+        raise ConfigError(f"{_join(prefix, str(name))}: unknown setting{hint}{where}")
     values: dict[str, Any] = {}
     for name, f in fields.items():
         dotted = _join(prefix, name)
@@ -281,6 +291,8 @@ def _convert(
     origin = typing.get_origin(inner)
     try:
         if dataclasses.is_dataclass(inner) and isinstance(inner, type):
+            if not isinstance(value, Mapping):
+                raise ConfigError(_wrong(dotted, "a mapping", value, source, f))
             sub = {k[len(local) + 1 :]: v for k, v in sources.items() if k.startswith(local + ".")}
             return _build(inner, value, dotted, sub)
         if origin is list:
