@@ -12,6 +12,7 @@ from pathlib import Path
 
 from signer.common.config import Duration, at_least, host_port, in_range, one_of, setting
 from signer.common.logs import level_check
+from signer.common.telemetry import TracingConfig
 from signer.common.tls import TLSFiles
 
 
@@ -66,6 +67,17 @@ class GatewayConfig:
     signer_insecure: bool = setting(False, help="plain TCP to signers (local experiments only)")
     signer_server_name: str | None = setting(
         None, help="name to verify in signer certificates, when it differs from the address"
+    )
+    metrics_address: str = setting(
+        "127.0.0.1", help="address of the /metrics, /healthz and /readyz HTTP endpoint"
+    )
+    metrics_port: int = setting(
+        2406,
+        help="port of that endpoint (gokeyless's metrics_port); -1 turns it off",
+        check=in_range(-1, 65535),
+    )
+    tracing: TracingConfig = setting(
+        default_factory=TracingConfig, help="OpenTelemetry tracing (OTEL_* variables win)"
     )
     event_loop: str = setting(
         "asyncio",

@@ -171,6 +171,7 @@ def write_configs(demo: Demo, port: int, signer_addresses: list[str] | None = No
                 "ca": str(s / "ca.pem"),
             },
             "sessions": 2,
+            "metrics_listen": "127.0.0.1:0",
         }
         (s / f"signer-{n}.yaml").write_text(yaml.safe_dump(cfg))
     gateway = {
@@ -186,6 +187,7 @@ def write_configs(demo: Demo, port: int, signer_addresses: list[str] | None = No
             "ca": str(s / "ca.pem"),
         },
         "signer_server_name": "localhost",
+        "metrics_port": 0,
     }
     (s / "gateway.yaml").write_text(yaml.safe_dump(gateway))
 
@@ -247,8 +249,15 @@ def run(state: Path, port: int) -> int:
             raise CommandError("self-check failed: " + "; ".join(failures))
         info = {
             "gateway": gateway_address,
+            "gateway_metrics": gw.fields.get("metrics", ""),
             "signers": [
-                {"name": svc.name, "address": svc.address, "pid": svc.proc.pid, "log": str(svc.log)}
+                {
+                    "name": svc.name,
+                    "address": svc.address,
+                    "metrics": svc.fields.get("metrics", ""),
+                    "pid": svc.proc.pid,
+                    "log": str(svc.log),
+                }
                 for svc in signers
             ],
             "ca": str(demo.state / "ca.pem"),
@@ -273,6 +282,10 @@ def run(state: Path, port: int) -> int:
         for svc in signers:
             print(f"  {svc.name}: Signer API on {svc.address} (pid {svc.proc.pid}, log {svc.log})")
         print(f"  gateway:  keyless on {gateway_address} (pid {gw.proc.pid}, log {gw.log})")
+        print(
+            f"  metrics:  gateway http://{gw.fields.get('metrics', '')}/metrics; signers "
+            + ", ".join(f"http://{svc.fields.get('metrics', '')}/metrics" for svc in signers)
+        )
         print("  self-check: ping and every operation of every key verified")
         print("try it:")
         print(

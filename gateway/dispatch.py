@@ -7,6 +7,8 @@ keyless error the edge sees.
 
 from __future__ import annotations
 
+import json
+
 import grpc
 
 from gateway.protocol import ErrorCode, Op
@@ -49,3 +51,14 @@ STATUS_TO_KEYLESS: dict[int, int] = {
 def keyless_error(status_code: int) -> int:
     """The keyless error the edge sees for a final Signer status."""
     return STATUS_TO_KEYLESS.get(status_code, ErrorCode.INTERNAL)
+
+
+def request_id_of(req_context: bytes) -> str:
+    """The ``request_id`` of a tag 0x16 JSON object, or "" (only parsed for logs)."""
+    if not req_context:
+        return ""
+    try:
+        value = json.loads(req_context).get("request_id", "")
+    except (ValueError, AttributeError):
+        return ""
+    return str(value)[:128] if isinstance(value, str | int) else ""

@@ -20,13 +20,16 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.dispatch import (
     DECRYPT_OPCODES,
     RESPONSE_OPCODES,
     SIGN_ALGORITHMS,
     keyless_error,
+    request_id_of,
 )
+from gateway.metrics import NO_ERROR, GatewayMetrics
 from gateway.protocol import (
     BadRequest,
     ConnectionClosed,
@@ -40,23 +43,33 @@ from gateway.protocol import (
     encode_response,
     error_name,
     op_name,
+    op_type,
 )
-from gateway.router import Router
+from gateway.router import Route, Router
+from gateway.tracing import end_request_span, start_request_span
+from signer.common.telemetry import DISABLED, Telemetry
 from signer.common.tls import peer_identity
 from signer.v1 import signer_pb2 as pb
 
 log = logging.getLogger("keyward.gateway")
 
+_NAMES: dict[int, tuple[str, str]] = {}
 
-def request_id_of(req_context: bytes) -> str:
-    """The ``request_id`` of a tag 0x16 JSON object, or "" (only parsed for logs)."""
-    if not req_context:
+
+def _names(opcode: int) -> tuple[str, str]:
+    """gokeyless's opcode name and metric type for ``opcode``, cached."""
+    names = _NAMES.get(opcode)
+    if names is None:
+        names = (op_name(opcode), op_type(opcode))
+        if len(_NAMES) < 256:
+            _NAMES[opcode] = names
+    return names
+
+
+def _trace_id(span: Any) -> str:
+    if span is None:
         return ""
-    try:
-        value = json.loads(req_context).get("request_id", "")
-    except (ValueError, AttributeError):
-        return ""
-    return str(value)[:128] if isinstance(value, str | int) else ""
+    return f"{span.get_span_context().trace_id:032x}"
 
 
 @dataclass(slots=True)
@@ -110,7 +123,9 @@ class KeylessProtocol(asyncio.Protocol):
         self._transport = transport
         ssl_obj = transport.get_extra_info("ssl_object")
         if isinstance(ssl_obj, ssl.SSLObject):
-            self.peer = peer_identity(ssl_obj.getpeercert(binary_form=True))
+            der = ssl_obj.getpeercert(binary_form=True)
+            self.peer = peer_identity(der)
+            self._server.metrics.peer_certificate(der)
         self._server.connections.add(self)
         self._server.stats.connections += 1
         log.debug(
@@ -120,6 +135,8 @@ class KeylessProtocol(asyncio.Protocol):
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self._server.metrics.failed_connection.inc()
         self._server.connections.discard(self)
         self._server.stats.paused.discard(self)
         self._transport = None
@@ -136,71 +153,104 @@ class KeylessProtocol(asyncio.Protocol):
         return None
 
     def data_received(self, data: bytes) -> None:
-        self._last_activity = time.monotonic()
+        now = time.perf_counter()
+        self._last_activity = now
         server = self._server
         for event in self._conn.receive_data(data):
             if isinstance(event, Request):
                 server.stats.requests += 1
-                self._handle(event)
+                self._handle(event, now)
             elif isinstance(event, BadRequest):
                 server.stats.requests += 1
                 log.debug(
                     "bad request",
                     extra={"peer": self.peer, "reason": event.reason, "code": int(event.code)},
                 )
+                server.metrics.requests.inc(("OpBadRequest",))
                 self._send_error(event.request_id, event.code)
+                self._observe("unknown", self._server.metrics.error_label(event.code), now, now)
 
     # -- requests --------------------------------------------------------------------
 
-    def _handle(self, req: Request) -> None:
+    def _observe(self, op_kind: str, error: str, started: float, executed: float) -> None:
+        m = self._server.metrics
+        end = time.perf_counter()
+        labels = (op_kind, error)
+        m.exec_duration.observe(labels, end - executed)
+        m.total_duration.observe(labels, end - started)
+
+    def _handle(self, req: Request, now: float) -> None:
         op = req.operation
         opcode = op.opcode
         rid = req.request_id
+        name, kind = _names(opcode)
+        metrics = self._server.metrics
+        metrics.requests.inc((name,))
         if opcode == Op.PING:
             self._write(encode_pong(rid, op.payload))
+            self._observe(kind, NO_ERROR, now, now)
             return
+        prepared = self._prepare(op, opcode)
+        if isinstance(prepared, int):
+            self._send_error(rid, prepared)
+            self._observe(kind, metrics.error_label(prepared), now, now)
+            return
+        route, grpc_op = prepared
+        span, parent = (None, "")
+        if self._server.telemetry.enabled:
+            span, parent = start_request_span(self._server.telemetry, op, name, rid, self.peer)
+            grpc_op.traceparent = parent
+        self._begin()
+        self._server.router.execute(route, grpc_op, self._completion(rid, op, kind, now, span))
+
+    def _prepare(self, op: Operation, opcode: int) -> int | tuple[Route, pb.Operation]:
+        """The route and Signer operation for a request, or the keyless error to send."""
         algorithm = SIGN_ALGORITHMS.get(opcode)
         decrypt = opcode in DECRYPT_OPCODES
         if algorithm is None and not decrypt:
-            code = (
+            return (
                 ErrorCode.UNEXPECTED_OPCODE if opcode in RESPONSE_OPCODES else ErrorCode.BAD_OPCODE
             )
-            self._send_error(rid, code)
-            return
         if not op.ski or not op.has_payload:
             # Without an SKI there is no key to use, and a sign or decrypt without a
             # payload item has nothing to work on: the request is malformed.
-            self._send_error(rid, ErrorCode.FORMAT)
-            return
+            return ErrorCode.FORMAT
         route = self._server.router.route(op.ski)
         if route is None:
-            self._send_error(rid, ErrorCode.KEY_NOT_FOUND)
-            return
+            return ErrorCode.KEY_NOT_FOUND
         key = pb.KeySelector(ski=op.ski)
         if decrypt:
             if not route.decrypt:
-                self._send_error(rid, ErrorCode.CRYPTO)
-                return
+                return ErrorCode.CRYPTO
             grpc_op = pb.Operation(
                 decrypt=pb.DecryptRequest(key=key, mode=pb.DECRYPT_MODE_RAW, ciphertext=op.payload)
             )
         else:
             if algorithm not in route.algorithms:
-                self._send_error(rid, ErrorCode.CRYPTO)
-                return
+                return ErrorCode.CRYPTO
             grpc_op = pb.Operation(
                 sign=pb.SignRequest(key=key, algorithm=algorithm, data=op.payload)
             )
-        self._begin()
-        self._server.router.execute(route, grpc_op, self._completion(rid, op))
+        return route, grpc_op
 
-    def _completion(self, rid: int, op: Operation) -> Callable[[pb.OperationResult], None]:
+    def _completion(
+        self, rid: int, op: Operation, kind: str, started: float, span: Any
+    ) -> Callable[[pb.OperationResult], None]:
+        executed = time.perf_counter()
+
         def done(result: pb.OperationResult) -> None:
             self._end()
+            metrics = self._server.metrics
             if result.WhichOneof("result") == "output":
                 self._write(encode_response(rid, result.output))
+                self._observe(kind, NO_ERROR, started, executed)
+                if span is not None:
+                    end_request_span(span, None)
                 return
             code = keyless_error(result.error.code)
+            self._observe(kind, metrics.error_label(code), started, executed)
+            if span is not None:
+                end_request_span(span, code, result.error.message)
             # Identify the request for the operator: its id and key, the edge's
             # request_id (tag 0x16) and the peer certificate; never the payload.
             log.info(
@@ -215,6 +265,7 @@ class KeylessProtocol(asyncio.Protocol):
                     "code": error_name(code),
                     "status": result.error.code,
                     "detail": result.error.message,
+                    "trace_id": _trace_id(span),
                 },
             )
             self._send_error(rid, code)
@@ -310,8 +361,18 @@ class KeylessProtocol(asyncio.Protocol):
 
 
 class KeylessServer:
-    def __init__(self, router: Router, ssl_context: ssl.SSLContext, limits: Limits) -> None:
+    def __init__(
+        self,
+        router: Router,
+        ssl_context: ssl.SSLContext,
+        limits: Limits,
+        *,
+        metrics: GatewayMetrics | None = None,
+        telemetry: Telemetry = DISABLED,
+    ) -> None:
         self.router = router
+        self.metrics = metrics or GatewayMetrics()
+        self.telemetry = telemetry
         self.ssl_context = ssl_context
         self.limits = limits
         self.stats = Stats()

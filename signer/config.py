@@ -7,6 +7,7 @@ from pathlib import Path
 
 from signer.common.config import Duration, at_least, host_port, one_of, setting
 from signer.common.logs import level_check
+from signer.common.telemetry import TracingConfig
 from signer.common.tls import TLSFiles
 
 DEFAULT_LISTEN = "127.0.0.1:2410"
@@ -50,6 +51,14 @@ class SignerConfig:
     )
     drain_timeout: Duration = setting(
         Duration(10.0), help="on SIGTERM, how long in-flight work may take", check=at_least(0)
+    )
+    metrics_listen: str | None = setting(
+        "127.0.0.1:2411",
+        help="host:port of the /metrics, /healthz and /readyz HTTP endpoint (empty: off)",
+        check=host_port,
+    )
+    tracing: TracingConfig = setting(
+        default_factory=TracingConfig, help="OpenTelemetry tracing (OTEL_* variables win)"
     )
     test_fault_file: Path | None = setting(
         None,

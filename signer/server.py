@@ -15,14 +15,18 @@ import signal
 import sys
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from signer.common.http import OpsServer
+from signer.common.telemetry import Telemetry, setup_tracing
 from signer.common.tls import grpc_server_credentials
 from signer.config import SignerConfig
+from signer.metrics import SignerMetrics
 from signer.service import SignerService
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
@@ -46,6 +50,9 @@ class Running:
     service: SignerService
     health: HealthServicer
     port: int
+    ops: OpsServer | None = None
+    metrics_address: str = ""
+    serving: bool = True
 
 
 async def serve(config: SignerConfig, *, announce: bool = True) -> None:
@@ -58,6 +65,7 @@ async def serve(config: SignerConfig, *, announce: bool = True) -> None:
 
         log.warning("HSM fault injection is on (test_fault_file): not for production")
         injector = FileFaultInjector(config.test_fault_file)
+    telemetry = setup_tracing("keyward-signer", config.tracing)
     token = await loop.run_in_executor(
         None,
         lambda: Token(
@@ -68,10 +76,11 @@ async def serve(config: SignerConfig, *, announce: bool = True) -> None:
         ),
     )
     try:
-        running = await _start(config, token)
+        running = await _start(config, token, telemetry)
         if announce:
             # One machine-readable line for supervisors and tests (port 0 → real port).
-            print(f"ready signer listen={_host(config.listen)}:{running.port}", flush=True)
+            extra = f" metrics={running.metrics_address}" if running.metrics_address else ""
+            print(f"ready signer listen={_host(config.listen)}:{running.port}{extra}", flush=True)
         log.info(
             "signer serving",
             extra={
@@ -84,15 +93,21 @@ async def serve(config: SignerConfig, *, announce: bool = True) -> None:
         await _run_until_signal(config, token, running)
     finally:
         await loop.run_in_executor(None, token.close)
+        telemetry.shutdown()
 
 
-async def _start(config: SignerConfig, token: object) -> Running:
+async def _start(config: SignerConfig, token: object, telemetry: Telemetry) -> Running:
     from signer.hsm.pool import Token
 
     assert isinstance(token, Token)
     server = grpc.aio.server(options=SERVER_OPTIONS)
+    metrics = SignerMetrics()
     service = SignerService(
-        token, signer_id=uuid.uuid4().hex, allowed_clients=config.allowed_clients
+        token,
+        signer_id=uuid.uuid4().hex,
+        allowed_clients=config.allowed_clients,
+        metrics=metrics,
+        telemetry=telemetry,
     )
     pb_grpc.add_SignerServicer_to_server(service, server)  # type: ignore[no-untyped-call]
     health_servicer = HealthServicer()
@@ -117,7 +132,30 @@ async def _start(config: SignerConfig, token: object) -> Running:
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return Running(server, service, health_servicer, port)
+    running = Running(server, service, health_servicer, port)
+    metrics.gauges(
+        serving=lambda: running.serving and not service.draining,
+        sessions=lambda: token.session_count,
+        queued=lambda: token.queued_jobs,
+        in_flight=lambda: service.in_flight,
+        keys=lambda: len(token.keys()),
+    )
+    if config.metrics_listen:
+        running.ops = OpsServer(metrics.registry.render, lambda: _readiness(running, token))
+        host, _, mport = config.metrics_listen.rpartition(":")
+        bound = await running.ops.start(host.strip("[]"), int(mport))
+        running.metrics_address = f"{host}:{bound}"
+    return running
+
+
+def _readiness(running: Running, token: Any) -> tuple[bool, str]:
+    if running.service.draining:
+        return False, "draining"
+    if not token.healthy:
+        return False, "HSM unusable: recovering"
+    if not running.serving:
+        return False, "not serving"
+    return True, f"ok: {len(token.keys())} keys, HSM logged in"
 
 
 async def _run_until_signal(config: SignerConfig, token: object, running: Running) -> None:
@@ -132,6 +170,7 @@ async def _run_until_signal(config: SignerConfig, token: object, running: Runnin
     loop.add_signal_handler(signal.SIGHUP, refresh_now.set)
 
     fault_seen = asyncio.Event()
+
     # Called on a worker thread the moment a job hits an HSM fault.
     def on_fault(error: object) -> None:
         loop.call_soon_threadsafe(fault_seen.set)
@@ -139,6 +178,7 @@ async def _run_until_signal(config: SignerConfig, token: object, running: Runnin
     token.on_fault = on_fault
 
     async def set_health(serving: bool) -> None:
+        running.serving = serving
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if serving
@@ -203,6 +243,8 @@ async def _run_until_signal(config: SignerConfig, token: object, running: Runnin
     await running.health.enter_graceful_shutdown()
     await running.service.notify_key_change()
     await running.server.stop(grace=config.drain_timeout)
+    if running.ops is not None:
+        await running.ops.close()
     log.info("signer stopped")
 
 

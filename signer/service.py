@@ -15,13 +15,19 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from signer.common.telemetry import DISABLED, Telemetry, context_from_traceparent
 from signer.hsm.errors import HsmError
 from signer.hsm.keys import KeyInfo
-from signer.hsm.pool import Job, Token
+from signer.hsm.mechanisms import decrypt_spec, mechanism_name, sign_spec
+from signer.hsm.pool import Job, Result, Token
+from signer.metrics import SignerMetrics, algorithm_label
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
 
@@ -91,8 +97,13 @@ class SignerService(pb_grpc.SignerServicer):
         signer_id: str,
         allowed_clients: Sequence[str] = (),
         key_changes: asyncio.Condition | None = None,
+        metrics: SignerMetrics | None = None,
+        telemetry: Telemetry = DISABLED,
     ) -> None:
         self._token = token
+        self.metrics = metrics or SignerMetrics()
+        self.telemetry = telemetry
+        self.in_flight = 0  # operations accepted and not yet answered, all callers
         self._signer_id = signer_id
         self._allowed = frozenset(allowed_clients)
         self._index = KeyIndex(token.keys(), token.generation)
@@ -165,11 +176,22 @@ class SignerService(pb_grpc.SignerServicer):
         deadline = context.time_remaining()
         if deadline is not None and job.deadline is None:
             job.deadline = time.monotonic() + deadline
+        spans = None
+        if self.telemetry.enabled:
+            # W3C trace context arrives in the call's metadata for unary calls.
+            metadata = dict(context.invocation_metadata() or ())
+            parent = metadata.get("traceparent", "")
+            spans = self._start_spans([parent if isinstance(parent, str) else ""])
+        chunk = Chunk([0], [job], time.monotonic(), spans)
+        self.in_flight += 1
         try:
-            results = await asyncio.wrap_future(self._token.submit([job]))
+            done: list[Result] = await asyncio.wrap_future(self._token.submit([job]))
         except HsmError as e:
-            await context.abort(e.code, e.message)
-            raise  # unreachable: abort raises
+            done = [e]
+        finally:
+            self.in_flight -= 1
+        results: Sequence[Result] = done
+        self._record(chunk, results)
         result = results[0]
         if isinstance(result, HsmError):
             await context.abort(result.code, result.message)
@@ -234,29 +256,21 @@ class SignerService(pb_grpc.SignerServicer):
         pending = 0
         reading = True
 
-        def deliver(ids: list[int], fut: Future[list[bytes | HsmError]]) -> None:
+        def deliver(chunk: Chunk, fut: Future[list[bytes | HsmError]]) -> None:
             # Runs on the event loop (via call_soon_threadsafe).
             nonlocal pending
-            pending -= len(ids)
-            try:
-                outputs: Sequence[bytes | HsmError] = fut.result()
-            except HsmError as e:
-                outputs = [e] * len(ids)
-            except Exception as e:  # a worker bug must not kill the stream
-                log.exception("HSM batch failed unexpectedly")
-                outputs = [
-                    HsmError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
-                ] * len(ids)
-            for op_id, out in zip(ids, outputs, strict=True):
+            pending -= len(chunk.ids)
+            self.in_flight -= len(chunk.ids)
+            for op_id, out in zip(chunk.ids, self._outputs(chunk, fut), strict=True):
                 if isinstance(out, bytes):
                     ready.append(pb.OperationResult(id=op_id, output=out))
                 else:
                     ready.append(_error_result(op_id, out))
             wakeup.set()
 
-        def on_done(ids: list[int]) -> Callable[[Future[list[bytes | HsmError]]], None]:
+        def on_done(chunk: Chunk) -> Callable[[Future[list[bytes | HsmError]]], None]:
             def done(fut: Future[list[bytes | HsmError]]) -> None:
-                loop.call_soon_threadsafe(deliver, ids, fut)
+                loop.call_soon_threadsafe(deliver, chunk, fut)
 
             return done
 
@@ -276,6 +290,8 @@ class SignerService(pb_grpc.SignerServicer):
                     now = time.monotonic()
                     jobs: list[Job] = []
                     ids: list[int] = []
+                    parents: list[str] = []
+                    tracing = self.telemetry.enabled
                     for op in ops:
                         if self.draining:
                             ready.append(_error_result(op.id, DRAINING))
@@ -283,22 +299,31 @@ class SignerService(pb_grpc.SignerServicer):
                         try:
                             jobs.append(self._job(op, now))
                             ids.append(op.id)
+                            if tracing:
+                                parents.append(op.traceparent)
                         except HsmError as e:
+                            self._count_rejected(e)
                             ready.append(_error_result(op.id, e))
                     # Split the message across the workers: one batch per worker
                     # would make a slow job (RSA, or any call to a network HSM) delay
                     # every fast one behind it, and leave the other sessions idle.
                     size = min(MAX_CHUNK, -(-len(jobs) // self._token.session_count))
                     for start in range(0, len(jobs), size or 1):
-                        chunk_jobs = jobs[start : start + size]
-                        chunk_ids = ids[start : start + size]
+                        chunk = Chunk(
+                            ids[start : start + size],
+                            jobs[start : start + size],
+                            now,
+                            self._start_spans(parents[start : start + size]) if tracing else None,
+                        )
                         try:
-                            fut = self._token.submit(chunk_jobs)
+                            fut = self._token.submit(chunk.jobs)
                         except HsmError as e:
-                            ready.extend(_error_result(i, e) for i in chunk_ids)
+                            self._record(chunk, [e] * len(chunk.jobs))
+                            ready.extend(_error_result(i, e) for i in chunk.ids)
                         else:
-                            pending += len(chunk_jobs)
-                            fut.add_done_callback(on_done(chunk_ids))
+                            pending += len(chunk.jobs)
+                            self.in_flight += len(chunk.jobs)
+                            fut.add_done_callback(on_done(chunk))
                     if ready:
                         wakeup.set()
             finally:
@@ -319,8 +344,100 @@ class SignerService(pb_grpc.SignerServicer):
         finally:
             reader.cancel()
 
+    # -- metrics and spans ---------------------------------------------------------
+
+    def _outputs(self, chunk: Chunk, fut: Future[list[bytes | HsmError]]) -> Sequence[Result]:
+        try:
+            outputs: Sequence[Result] = fut.result()
+        except HsmError as e:
+            outputs = [e] * len(chunk.ids)
+        except Exception as e:  # a worker bug must not kill the stream
+            log.exception("HSM batch failed unexpectedly")
+            outputs = [
+                HsmError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
+            ] * len(chunk.ids)
+        self._record(chunk, outputs)
+        return outputs
+
+    def _record(self, chunk: Chunk, outputs: Sequence[Result]) -> None:
+        m = self.metrics
+        elapsed = time.monotonic() - chunk.arrived
+        for i, (job, out) in enumerate(zip(chunk.jobs, outputs, strict=True)):
+            key = job.key
+            label = key.label if isinstance(key, KeyInfo) else key.hex()
+            algorithm = algorithm_label(job.algorithm, job.decrypt_mode)
+            if isinstance(out, bytes):
+                outcome = "ok"
+            else:
+                outcome = out.code.name
+                if out.ckr:
+                    m.hsm_errors.inc((out.ckr,))
+            m.operations.inc((label, algorithm, outcome))
+            m.duration.observe((algorithm,), elapsed)
+            if chunk.spans is not None and chunk.spans[i] is not None:
+                self._end_spans(chunk.spans[i], job, out)
+
+    def _count_rejected(self, error: HsmError) -> None:
+        self.metrics.operations.inc(("-", "-", error.code.name))
+
+    def _start_spans(self, parents: list[str]) -> list[Any] | None:
+        spans: list[Any] = []
+        any_span = False
+        for value in parents:
+            parent = context_from_traceparent(value) if value else None
+            if parent is None:
+                sampled = self.telemetry.sample_root()
+            else:
+                flags = trace.get_current_span(parent).get_span_context().trace_flags
+                sampled = flags.sampled
+            if not sampled:
+                spans.append(None)
+                continue
+            any_span = True
+            server = self.telemetry.tracer.start_span(
+                "keyward.signer.v1.Signer/Stream", context=parent, kind=SpanKind.SERVER
+            )
+            hsm = self.telemetry.tracer.start_span(
+                "hsm operation", context=trace.set_span_in_context(server)
+            )
+            spans.append((server, hsm))
+        return spans if any_span else None
+
+    def _end_spans(self, pair: tuple[Any, Any], job: Job, out: Result) -> None:
+        server, hsm = pair
+        name = algorithm_label(job.algorithm, job.decrypt_mode)
+        key = job.key
+        hsm.set_attribute("hsm.mechanism", mechanism_for(job))
+        hsm.set_attribute("hsm.token", self._token.description)
+        server.set_attribute("signer.algorithm", name)
+        if isinstance(key, KeyInfo):
+            server.set_attribute("signer.key.label", key.label)
+            server.set_attribute("signer.key.ski", key.ski.hex())
+        if isinstance(out, HsmError):
+            for span in (hsm, server):
+                span.set_status(Status(StatusCode.ERROR, out.code.name))
+            if out.ckr:
+                hsm.set_attribute("hsm.ckr", out.ckr)
+        hsm.end()
+        server.end()
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One hand-off to a worker: the operations' ids, their jobs, when they arrived."""
+
+    ids: list[int]
+    jobs: list[Job]
+    arrived: float
+    spans: list[Any] | None
+
 
 DRAINING = HsmError(grpc.StatusCode.UNAVAILABLE, "signer is shutting down")
+
+
+def mechanism_for(job: Job) -> str:
+    spec = decrypt_spec(job.decrypt_mode) if job.decrypt_mode else sign_spec(job.algorithm)
+    return mechanism_name(spec.mechanism)
 
 
 def _error_result(op_id: int, err: HsmError) -> pb.OperationResult:

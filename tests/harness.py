@@ -82,6 +82,7 @@ class Cluster:
             "tls": {"cert": str(self.pki.signer.cert), "key": str(self.pki.signer.key),
                     "ca": str(self.pki.ca_pem)},
             "key_refresh_interval": "1s",
+            "metrics_listen": "127.0.0.1:0",
             "log_level": "debug",
         }
         cfg.update(settings)
@@ -107,6 +108,7 @@ class Cluster:
                            "key": str(self.pki.gateway_signer_client.key),
                            "ca": str(self.pki.ca_pem)},
             "signer_server_name": "localhost",
+            "metrics_port": 0,
             "log_level": "debug",
         }
         cfg.update(settings)

@@ -32,6 +32,7 @@ class Service:
             argv, env=env, stdout=subprocess.PIPE, stderr=self._logf, start_new_session=True
         )
         self.address = ""
+        self.fields: dict[str, str] = {}
 
     @property
     def pid(self) -> int:
@@ -45,7 +46,11 @@ class Service:
             if not line:
                 break
             if line.startswith("ready "):
-                self.address = line.split("listen=", 1)[1].strip()
+                # ready NAME key=value key=value ...
+                self.fields = dict(
+                    part.split("=", 1) for part in line.split()[2:] if "=" in part
+                )
+                self.address = self.fields.get("listen", "")
                 return self.address
         self.stop()
         tail = self.log.read_text(errors="replace").strip().splitlines()[-8:]
