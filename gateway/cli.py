@@ -80,8 +80,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     t.set_defaults(handler=run_test_keyserver)
 
     from gateway.bench import register_bench
+    from gateway.devinit import register_dev_init
+    from gateway.init import register_init
+    from gateway.migrate import register_migrate
+    from gateway.probe import register_health
+    from gateway.tracecost import register_tracecost
 
     register_bench(sub)
+    register_tracecost(sub)
+    # Deployment commands (deploy/, docs/migrating-from-gokeyless.md).
+    for add in (register_dev_init, register_health, register_init, register_migrate):
+        add(sub)
 
 
 def _client_flags(p: argparse.ArgumentParser) -> None:
@@ -116,7 +125,13 @@ def run_gateway(args: argparse.Namespace) -> int:
     }
     config = load_config(GatewayConfig, path=args.config, overrides=overrides, section="gateway")
     setup_logging(config.log_level, config.log_format)
-    return main(config)
+    # SIGHUP reads the same sources again: the file, the environment, these flags.
+    return main(
+        config,
+        reload=lambda: load_config(
+            GatewayConfig, path=args.config, overrides=overrides, section="gateway"
+        ),
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from gateway.discovery import dns_entry_problem, is_dns_entry
 from signer.common.config import Duration, at_least, host_port, in_range, one_of, setting
 from signer.common.logs import level_check
 from signer.common.telemetry import TracingConfig
@@ -18,17 +19,32 @@ from signer.common.tls import TLSFiles
 
 def _signer_list(value: list[str]) -> str | None:
     for v in value:
-        if host_port(v) is not None:
+        if is_dns_entry(v):
+            problem = dns_entry_problem(v)
+            if problem is not None:
+                return f"{problem} (bad entry {v!r})"
+        elif host_port(v) is not None:
             return f"host:port entries (bad entry {v!r})"
     return None
+
+
+def _percentile(value: float) -> str | None:
+    return None if value == 0 or 50 <= value < 100 else "0 (off) or a percentile from 50 to 99.9"
 
 
 @dataclasses.dataclass(slots=True)
 class GatewayConfig:
     signers: list[str] = setting(
         default_factory=list,
-        help="Signer API addresses (host:port); every signer's keys are learned from it",
+        help="Signer API addresses: host:port (one signer), or dns:NAME:PORT (one signer per "
+        "address NAME resolves to, re-resolved every signer_dns_interval); every signer's keys "
+        "are learned from it. Re-read on SIGHUP",
         check=_signer_list,
+    )
+    signer_dns_interval: Duration = setting(
+        Duration(10.0),
+        help="how often dns: entries of signers are resolved again",
+        check=at_least(0.1),
     )
     hostname: str | None = setting(None, help="the key server's hostname (SAN of auth_cert)")
     bind_address: str = setting(
@@ -59,6 +75,40 @@ class GatewayConfig:
         Duration(5.0),
         help="total time budget of one keyless request, retries included",
         check=at_least(0.01),
+    )
+    attempt_timeout: Duration = setting(
+        Duration(2.0),
+        help="time budget of one attempt on one signer; when it passes, the request is tried on "
+        "another signer (within request_timeout). Bounds what a hung or partitioned signer "
+        "costs a request",
+        check=at_least(0.01),
+    )
+    max_attempts: int = setting(
+        3, help="attempts per request (first try, retries and any hedge)", check=at_least(1)
+    )
+    eject_after: int = setting(
+        5,
+        help="failures in a row (UNAVAILABLE, DEADLINE_EXCEEDED, ABORTED) that eject a signer",
+        check=at_least(1),
+    )
+    eject_time: Duration = setting(
+        Duration(1.0),
+        help="how long a first ejection lasts; each further one in a row doubles it (up to 30s)",
+        check=at_least(0.01),
+    )
+    hedge_delay: Duration = setting(
+        Duration(0.0),
+        help="ask a second signer when the first has not answered after this long; 0 is off",
+        check=at_least(0),
+    )
+    hedge_percentile: float = setting(
+        0.0,
+        help="ask a second signer when the first is slower than this percentile of recent "
+        "answer times (e.g. 95); 0 is off. With hedge_delay too, the later of the two applies",
+        check=_percentile,
+    )
+    hedge_budget: float = setting(
+        0.1, help="hedges allowed, as a fraction of requests", check=in_range(0, 1)
     )
     signer_tls: TLSFiles = setting(
         default_factory=TLSFiles,

@@ -137,7 +137,8 @@ def run_signer(args: argparse.Namespace) -> int:
     setup_logging(config.log_level, config.log_format)
     from signer.server import main
 
-    return main(config)
+    # SIGHUP reads the same sources again: the file, the environment, these flags.
+    return main(config, reload=lambda: load_signer_config(args))
 
 
 def _open_admin(args: argparse.Namespace) -> Any:

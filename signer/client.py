@@ -218,6 +218,12 @@ class SignerClient:
 
 Callback = Callable[[pb.OperationResult], None]
 
+# The signer refuses a StreamRequest of more operations than this (INVALID_ARGUMENT for
+# every one of them: signer/service.py MAX_BATCH), so the outbox leaves in messages of
+# at most this many. It fills that far when the signer falls behind, e.g. after a
+# failover sends it the traffic of two.
+MAX_OPERATIONS_PER_MESSAGE = 1024
+
 
 class _Batch:
     __slots__ = ("remaining",)
@@ -288,8 +294,12 @@ class OperationStream:
                 self._wake.clear()
                 if not self._outbox or self._unanswered >= self._window:
                     continue
-                ops, self._outbox = self._outbox, []
-                callbacks, self._outbox_callbacks = self._outbox_callbacks, []
+                cut = MAX_OPERATIONS_PER_MESSAGE
+                ops, self._outbox = self._outbox[:cut], self._outbox[cut:]
+                callbacks = self._outbox_callbacks[:cut]
+                self._outbox_callbacks = self._outbox_callbacks[cut:]
+                if self._outbox:
+                    self._wake.set()  # the rest goes next, as the window allows
                 batch = _Batch(len(ops))
                 pending = self._pending
                 for op, cb in zip(ops, callbacks, strict=True):

@@ -52,6 +52,13 @@ class SignerConfig:
     drain_timeout: Duration = setting(
         Duration(10.0), help="on SIGTERM, how long in-flight work may take", check=at_least(0)
     )
+    hsm_call_timeout: Duration = setting(
+        Duration(10.0),
+        help="an HSM call running longer than this is abandoned: its operations are answered "
+        "UNAVAILABLE and a new session takes its place (PKCS#11 cannot cancel a call); more "
+        "stuck calls than sessions at once is an HSM fault",
+        check=at_least(0.01),
+    )
     metrics_listen: str | None = setting(
         "127.0.0.1:2411",
         help="host:port of the /metrics, /healthz and /readyz HTTP endpoint (empty: off)",

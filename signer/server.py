@@ -4,6 +4,17 @@ Start-up order matters: the token is opened (module loaded, login, keys found) b
 the port is bound, so a signer that answers at all can sign. Health goes SERVING only
 then, and NOT_SERVING first thing on SIGTERM, so routers stop sending new work before
 in-flight work is drained.
+
+Signals: SIGTERM and SIGINT drain: NOT_SERVING, operations that still arrive are
+answered UNAVAILABLE (the gateway retries them elsewhere), accepted ones are finished
+(within ``drain_timeout``), then the server stops; it does not wait out the idle
+streams and health watches that gateways keep open. SIGHUP reloads without dropping
+a connection: the key set is searched again at once, the TLS certificate, key and
+client CA are re-read for new connections (gRPC's dynamic server credentials;
+established connections keep theirs), and the config file is re-read for
+``allowed_clients``, ``key_refresh_interval``, ``drain_timeout`` and the log level.
+Settings naming the token, sockets or threads need a restart. A reload that fails
+changes nothing and is logged.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import logging
 import signal
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +35,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from signer.common.http import OpsServer
+from signer.common.logs import setup_logging
 from signer.common.telemetry import Telemetry, setup_tracing
-from signer.common.tls import grpc_server_credentials
+from signer.common.tls import (
+    TLSConfigError,
+    grpc_reloadable_server_credentials,
+    grpc_server_certificate,
+)
 from signer.config import SignerConfig
 from signer.metrics import SignerMetrics
 from signer.service import SignerService
@@ -44,6 +61,44 @@ SERVER_OPTIONS = [
 ]
 
 
+Reload = Callable[[], SignerConfig]
+
+# Settings a SIGHUP cannot change: they name the token, sockets or threads.
+_RESTART_ONLY = (
+    "pkcs11_uri",
+    "listen",
+    "unix_socket",
+    "insecure",
+    "sessions",
+    "max_queue",
+    "hsm_call_timeout",
+    "metrics_listen",
+    "tracing",
+    "test_fault_file",
+)
+
+
+class ServerTLS:
+    """The Signer API's certificate, replaceable for new connections (SIGHUP)."""
+
+    def __init__(self, config: SignerConfig) -> None:
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        self.initial = grpc_server_certificate(*config.tls.require("tls"))
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc_reloadable_server_credentials(self.initial, self._fetch)
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by gRPC before every new handshake, on its own thread: hand over a
+        # new configuration once; None means "keep the current one".
+        pending, self._pending = self._pending, None
+        return pending
+
+    def reload(self, config: SignerConfig) -> None:
+        """Read the files now (raising TLSConfigError), use them from the next handshake."""
+        self._pending = grpc_server_certificate(*config.tls.require("tls"))
+
+
 @dataclass(slots=True)
 class Running:
     server: grpc.aio.Server
@@ -53,9 +108,12 @@ class Running:
     ops: OpsServer | None = None
     metrics_address: str = ""
     serving: bool = True
+    tls: ServerTLS | None = None
 
 
-async def serve(config: SignerConfig, *, announce: bool = True) -> None:
+async def serve(
+    config: SignerConfig, *, announce: bool = True, reload: Reload | None = None
+) -> None:
     from signer.hsm.pool import Token  # needs python-pkcs11: only imported when serving
 
     loop = asyncio.get_running_loop()
@@ -73,6 +131,7 @@ async def serve(config: SignerConfig, *, announce: bool = True) -> None:
             sessions=config.sessions,
             max_queue=config.max_queue,
             fault_injector=injector,
+            call_timeout=config.hsm_call_timeout,
         ),
     )
     try:
@@ -90,7 +149,7 @@ async def serve(config: SignerConfig, *, announce: bool = True) -> None:
                 "sessions": token.session_count,
             },
         )
-        await _run_until_signal(config, token, running)
+        await _run_until_signal(config, token, running, reload)
     finally:
         await loop.run_in_executor(None, token.close)
         telemetry.shutdown()
@@ -120,11 +179,12 @@ async def _start(config: SignerConfig, token: object, telemetry: Telemetry) -> R
         ],
         server,
     )
+    server_tls: ServerTLS | None = None
     if config.insecure:
         port = server.add_insecure_port(config.listen)
     else:
-        cert, key, ca = config.tls.require("tls")
-        port = server.add_secure_port(config.listen, grpc_server_credentials(cert, key, ca))
+        server_tls = ServerTLS(config)
+        port = server.add_secure_port(config.listen, server_tls.credentials())
     if config.unix_socket is not None:
         # Local callers only; the socket's file permissions are its access control.
         config.unix_socket.unlink(missing_ok=True)
@@ -132,7 +192,7 @@ async def _start(config: SignerConfig, token: object, telemetry: Telemetry) -> R
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    running = Running(server, service, health_servicer, port)
+    running = Running(server, service, health_servicer, port, tls=server_tls)
     metrics.gauges(
         serving=lambda: running.serving and not service.draining,
         sessions=lambda: token.session_count,
@@ -158,16 +218,20 @@ def _readiness(running: Running, token: Any) -> tuple[bool, str]:
     return True, f"ok: {len(token.keys())} keys, HSM logged in"
 
 
-async def _run_until_signal(config: SignerConfig, token: object, running: Running) -> None:
+async def _run_until_signal(
+    config: SignerConfig, token: object, running: Running, reload: Reload | None = None
+) -> None:
     from signer.hsm.pool import Token
 
     assert isinstance(token, Token)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     refresh_now = asyncio.Event()
+    hup = asyncio.Event()
+    current = [config]  # the configuration in force; SIGHUP replaces it
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, refresh_now.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
 
     fault_seen = asyncio.Event()
 
@@ -218,7 +282,7 @@ async def _run_until_signal(config: SignerConfig, token: object, running: Runnin
     async def refresher() -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(refresh_now.wait(), timeout=config.key_refresh_interval)
+                await asyncio.wait_for(refresh_now.wait(), timeout=current[0].key_refresh_interval)
             refresh_now.clear()
             if not token.healthy:
                 continue  # watch_health is on it
@@ -234,15 +298,63 @@ async def _run_until_signal(config: SignerConfig, token: object, running: Runnin
                 )
                 await running.service.notify_key_change()
 
-    tasks = [asyncio.create_task(refresher()), asyncio.create_task(watch_health())]
+    def reread() -> None:
+        """SIGHUP: apply what can change while serving; a failure changes nothing."""
+        log.info("SIGHUP: reloading keys, certificates and configuration")
+        refresh_now.set()  # the key set, whatever happens to the rest
+        old = current[0]
+        try:
+            new = reload() if reload is not None else old
+        except Exception as e:  # ConfigError, or a CLI check: named in the message
+            log.error("SIGHUP: configuration not reloaded (%s); keeping the running one", e)
+            return
+        try:
+            if running.tls is not None and not new.insecure:
+                running.tls.reload(new)
+        except TLSConfigError as e:
+            log.error("SIGHUP: configuration not reloaded (%s); keeping the running one", e)
+            return
+        for name in _RESTART_ONLY:
+            if getattr(new, name) != getattr(old, name):
+                log.warning("SIGHUP: %s changed; that takes a restart", name)
+        setup_logging(new.log_level, new.log_format)
+        # The service reads its allow-list on every call; a new set applies to the next.
+        running.service._allowed = frozenset(new.allowed_clients)
+        current[0] = new
+        log.info(
+            "SIGHUP: reloaded",
+            extra={"tls": running.tls is not None, "allowed_clients": len(new.allowed_clients)},
+        )
+
+    async def on_hup() -> None:
+        while True:
+            await hup.wait()
+            hup.clear()
+            reread()
+
+    tasks = [
+        asyncio.create_task(refresher()),
+        asyncio.create_task(watch_health()),
+        asyncio.create_task(on_hup()),
+    ]
     await stop.wait()
-    log.info("draining", extra={"grace_s": config.drain_timeout})
+    drain_timeout = current[0].drain_timeout
+    log.info("draining", extra={"grace_s": drain_timeout})
     for task in tasks:
         task.cancel()
     running.service.draining = True
     await running.health.enter_graceful_shutdown()
     await running.service.notify_key_change()
-    await running.server.stop(grace=config.drain_timeout)
+    # Finish what was accepted; what arrives now is refused with UNAVAILABLE. The
+    # gateways' streams and health watches stay open until the server stops, so
+    # waiting for the RPCs themselves would always take the whole drain_timeout.
+    end = loop.time() + drain_timeout
+    while running.service.in_flight and loop.time() < end:
+        await asyncio.sleep(0.02)
+    if running.service.in_flight:
+        log.warning("drain timeout: %d operations unfinished", running.service.in_flight)
+    # A moment for the last answers to be written before the streams are cancelled.
+    await running.server.stop(grace=max(0.0, min(0.5, end - loop.time())))
     if running.ops is not None:
         await running.ops.close()
     log.info("signer stopped")
@@ -252,9 +364,9 @@ def _host(listen: str) -> str:
     return listen.rpartition(":")[0]
 
 
-def main(config: SignerConfig) -> int:
+def main(config: SignerConfig, reload: Reload | None = None) -> int:
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, reload=reload))
     return 0
 
 

@@ -71,7 +71,8 @@ class Cluster:
 
     def start_signer(self, *, sessions: int = 2, listen: str = "127.0.0.1:0",
                      token: SoftHsmToken | None = None, env: dict[str, str] | None = None,
-                     **settings: Any) -> Service:
+                     wrap: tuple[str, ...] = (), **settings: Any) -> Service:
+        """``wrap`` prefixes the command (``("ip", "netns", "exec", NS)``)."""
         self.counter += 1
         name = f"signer-{self.counter}"
         tok = token or self.token
@@ -88,13 +89,14 @@ class Cluster:
         cfg.update(settings)
         path = self.directory / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        svc = Service(name, keyward_argv("signer", "--config", str(path)),
+        svc = Service(name, [*wrap, *keyward_argv("signer", "--config", str(path))],
                       self.env(env), self.directory / f"{name}.log")
         self.services.append(svc)
         svc.wait_ready(60)
         return svc
 
-    def start_gateway(self, signers: list[str], **settings: Any) -> Service:
+    def start_gateway(self, signers: list[str], *, env: dict[str, str] | None = None,
+                      **settings: Any) -> Service:
         self.counter += 1
         name = f"gateway-{self.counter}"
         cfg: dict[str, Any] = {
@@ -115,7 +117,7 @@ class Cluster:
         path = self.directory / f"{name}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         svc = Service(name, keyward_argv("gateway", "--config", str(path)),
-                      self.env(), self.directory / f"{name}.log")
+                      self.env(env), self.directory / f"{name}.log")
         self.services.append(svc)
         svc.wait_ready(60)
         return svc

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -109,6 +110,31 @@ def grpc_server_credentials(cert: Path, key: Path, client_ca: Path) -> grpc.Serv
         [(_read(key, "key"), _read(cert, "certificate"))],
         root_certificates=_read(client_ca, "client CA"),
         require_client_auth=True,
+    )
+
+
+def grpc_server_certificate(
+    cert: Path, key: Path, client_ca: Path
+) -> grpc.ServerCertificateConfiguration:
+    """The signer's certificate, key and client CA, for reloadable credentials."""
+    return grpc.ssl_server_certificate_configuration(
+        [(_read(key, "key"), _read(cert, "certificate"))],
+        root_certificates=_read(client_ca, "client CA"),
+    )
+
+
+def grpc_reloadable_server_credentials(
+    initial: grpc.ServerCertificateConfiguration,
+    fetch: Callable[[], grpc.ServerCertificateConfiguration | None],
+) -> grpc.ServerCredentials:
+    """Like :func:`grpc_server_credentials`, but gRPC calls ``fetch`` before each new
+    connection's handshake; a configuration it returns replaces the current one from
+    then on (established connections keep theirs), None keeps it."""
+    # grpc-stubs types the fetcher without None, which gRPC documents as "no change".
+    return grpc.dynamic_ssl_server_credentials(
+        initial,
+        fetch,  # type: ignore[arg-type]
+        require_client_authentication=True,
     )
 
 

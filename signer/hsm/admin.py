@@ -94,9 +94,7 @@ def _mechanisms_of(session: Any) -> frozenset[int]:
     return frozenset(int(m) for m in session.token.slot.get_mechanisms())
 
 
-def _run(
-    target: Token | Any, fn: Callable[[Any, frozenset[int]], T], *, write: bool
-) -> T:
+def _run(target: Token | Any, fn: Callable[[Any, frozenset[int]], T], *, write: bool) -> T:
     if _is_token(target):
         token: Token = target
         result = token.call(lambda session: fn(session, token.mechanisms), rw=write)
@@ -229,12 +227,19 @@ def _generate(session: Any, mechanisms: frozenset[int], kind: str, label: str) -
         key_type, mechanism = KeyType.EC, Mechanism.EC_KEY_PAIR_GEN
         public[Attribute.EC_PARAMS] = ec_params_for_curve(_EC_KIND_CURVES[kind])
     if mechanism not in mechanisms:
-        raise HsmError(grpc.StatusCode.FAILED_PRECONDITION,
-                       f"this token has no CKM_{mechanism.name} to generate a {kind} key")
+        raise HsmError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"this token has no CKM_{mechanism.name} to generate a {kind} key",
+        )
     try:
         public_key, private_key = session.generate_keypair(
-            key_type, key_length, mechanism=mechanism, store=True, capabilities=0,
-            public_template=public, private_template=private,
+            key_type,
+            key_length,
+            mechanism=mechanism,
+            store=True,
+            capabilities=0,
+            public_template=public,
+            private_template=private,
         )
     except p11e.PKCS11Error as exc:
         raise classify(exc, context=f"generating a {kind} key") from None
@@ -295,15 +300,18 @@ def import_pem(
     try:
         if isinstance(key, rsa.RSAPrivateKey):
             if key.key_size < 2048:
-                log.warning("importing a %d-bit RSA key; 2048 bits or more is advised",
-                            key.key_size)
+                log.warning(
+                    "importing a %d-bit RSA key; 2048 bits or more is advised", key.key_size
+                )
         elif isinstance(key, ec.EllipticCurvePrivateKey):
             if key.curve.name not in _IMPORT_CURVES:
-                raise KeyImportError(f"EC curve {key.curve.name} is not supported "
-                                     "(P-256, P-384, P-521 only)")
+                raise KeyImportError(
+                    f"EC curve {key.curve.name} is not supported (P-256, P-384, P-521 only)"
+                )
         elif not isinstance(key, ed25519.Ed25519PrivateKey):
-            raise KeyImportError(f"{type(key).__name__} keys are not supported "
-                                 "(RSA, EC and Ed25519 only)")
+            raise KeyImportError(
+                f"{type(key).__name__} keys are not supported (RSA, EC and Ed25519 only)"
+            )
         loaded = key
         info = _run(target, lambda s, m: _import(s, m, loaded, label), write=True)
     finally:
@@ -363,33 +371,43 @@ def _import(session: Any, mechanisms: frozenset[int], key: Any, label: str) -> K
             serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
         )
         public_template = _public_template(label, ski, encrypt=False)
-        public_template.update({
-            Attribute.KEY_TYPE: KeyType.EC,
-            Attribute.EC_PARAMS: params,
-            Attribute.EC_POINT: _der_octet_string(point),
-        })
+        public_template.update(
+            {
+                Attribute.KEY_TYPE: KeyType.EC,
+                Attribute.EC_PARAMS: params,
+                Attribute.EC_POINT: _der_octet_string(point),
+            }
+        )
     else:
         params = ec_params_for_curve("ed25519")
-        raw = bytearray(key.private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
-            serialization.NoEncryption(),
-        ))
+        raw = bytearray(
+            key.private_bytes(
+                serialization.Encoding.Raw,
+                serialization.PrivateFormat.Raw,
+                serialization.NoEncryption(),
+            )
+        )
         secrets.append(raw)
         private_template = _private_template(label, ski, decrypt=False)
         private_template.update(
-            {Attribute.KEY_TYPE: KeyType.EC_EDWARDS, Attribute.EC_PARAMS: params,
-             Attribute.VALUE: raw}
+            {
+                Attribute.KEY_TYPE: KeyType.EC_EDWARDS,
+                Attribute.EC_PARAMS: params,
+                Attribute.VALUE: raw,
+            }
         )
         public_raw = key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
         public_template = _public_template(label, ski, encrypt=False)
-        public_template.update({
-            Attribute.KEY_TYPE: KeyType.EC_EDWARDS,
-            Attribute.EC_PARAMS: params,
-            # SoftHSM2 stores and returns the Ed25519 point DER-wrapped; so do we.
-            Attribute.EC_POINT: _der_octet_string(public_raw),
-        })
+        public_template.update(
+            {
+                Attribute.KEY_TYPE: KeyType.EC_EDWARDS,
+                Attribute.EC_PARAMS: params,
+                # SoftHSM2 stores and returns the Ed25519 point DER-wrapped; so do we.
+                Attribute.EC_POINT: _der_octet_string(public_raw),
+            }
+        )
 
     private_key = public_key = None
     try:
@@ -402,8 +420,10 @@ def _import(session: Any, mechanisms: frozenset[int], key: Any, label: str) -> K
         public_key = session.create_object(public_template)
         info = describe_private_key(session, private_key, mechanisms)
         if info.ski != ski:
-            raise HsmError(grpc.StatusCode.INTERNAL,
-                           "the token's copy of the key does not match the imported key")
+            raise HsmError(
+                grpc.StatusCode.INTERNAL,
+                "the token's copy of the key does not match the imported key",
+            )
         return info
     except p11e.PKCS11Error as exc:
         _destroy_quietly(private_key, public_key)

@@ -125,8 +125,9 @@ class KeyInfo:
     def public_key(self) -> PublicKey:
         """The public key as a ``cryptography`` object (for verifying in tests/tools)."""
         key = serialization.load_der_public_key(self.spki)
-        assert isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-                          | ed25519.Ed25519PublicKey)
+        assert isinstance(
+            key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
+        )
         return key
 
     def __repr__(self) -> str:
@@ -195,9 +196,7 @@ class _PublicIndex:
     def candidates(self, key_type: int, key_id: bytes) -> list[Any]:
         if self._groups is None:
             groups: dict[tuple[int, bytes], list[Any]] = {}
-            for obj in list(
-                self._session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY})
-            ):
+            for obj in list(self._session.get_objects({Attribute.CLASS: ObjectClass.PUBLIC_KEY})):
                 kt = _read(obj, Attribute.KEY_TYPE)
                 if kt is None:
                     continue
@@ -206,9 +205,7 @@ class _PublicIndex:
         return self._groups.get((key_type, key_id), [])
 
 
-def _public_from_objects(
-    candidates: Iterable[Any], label: str, build: Any
-) -> PublicKey:
+def _public_from_objects(candidates: Iterable[Any], label: str, build: Any) -> PublicKey:
     """Build the public key from matching public objects; all must agree."""
     found: dict[bytes, PublicKey] = {}
     labelled: dict[bytes, PublicKey] = {}
@@ -295,8 +292,9 @@ def _describe(
             if curve is None:
                 raise _Skip("unsupported curve (only P-256, P-384, P-521 named curves)")
             size = (curve[1].key_size + 7) // 8
-            point = _point_bytes(_read(obj, Attribute.EC_POINT, b"") or b"", (2 * size + 1,
-                                                                             size + 1))
+            point = _point_bytes(
+                _read(obj, Attribute.EC_POINT, b"") or b"", (2 * size + 1, size + 1)
+            )
             try:
                 return ec.EllipticCurvePublicKey.from_encoded_point(curve[1], point)
             except ValueError:
@@ -379,15 +377,15 @@ def discover_keys(
         except _Skip as exc:
             shown = _read(private_key, Attribute.LABEL, "") or ""
             shown_id = (_read(private_key, Attribute.ID, b"") or b"").hex()
-            log.warning(
-                "skipping private key %r (CKA_ID %s): %s", shown, shown_id or "empty", exc
-            )
+            log.warning("skipping private key %r (CKA_ID %s): %s", shown, shown_id or "empty", exc)
             continue
         previous = found.get(info.ski)
         if previous is not None:
             log.warning(
                 "private key %r has the same SKI %s as %r; serving one of them",
-                info.label, info.ski.hex(), previous.label,
+                info.label,
+                info.ski.hex(),
+                previous.label,
             )
             continue
         found[info.ski] = info

@@ -251,8 +251,7 @@ class Pkcs11Module:
             # Someone else in this process initialised it behind python-pkcs11's back;
             # we cannot know whether with locks. Refuse rather than risk the crash.
             raise _module_error(
-                f"PKCS#11 module {self.path} was already initialised by other code in "
-                "this process",
+                f"PKCS#11 module {self.path} was already initialised by other code in this process",
                 rv,
             )
         if rv != _CKR_OK:
@@ -365,8 +364,9 @@ class Pkcs11Module:
             rv = int(self._functions.C_GetSessionInfo(session_handle, ctypes.byref(info)))
         if rv != _CKR_OK:
             raise classify(_RvError(rv), context="session probe")
-        return SessionState(int(info.slotID), int(info.state), int(info.flags),
-                            int(info.ulDeviceError))
+        return SessionState(
+            int(info.slotID), int(info.state), int(info.flags), int(info.ulDeviceError)
+        )
 
     def __repr__(self) -> str:
         return f"<Pkcs11Module {self.path} refs={self._refs}>"

@@ -33,6 +33,25 @@ gone; otherwise it is the request's fault (PKCS1V15 decrypt: INVALID_ARGUMENT) o
 INTERNAL. Without this, any client could take the signer out of service with one
 garbage ciphertext.
 
+Stuck calls
+-----------
+PKCS#11 gives no way to interrupt a call in progress: ``C_Sign`` and ``C_Decrypt``
+are synchronous, v2.40 has no cancel function at all, and v3.0's ``C_SessionCancel``
+only ends an operation *between* calls (after ``C_SignInit``, before the final
+``C_Sign``), on the session's own thread; nor may another thread use the session
+(``C_CloseSession`` or ``C_Finalize`` under a running call is undefined behaviour,
+and crashes some modules). So a call that never returns (a network HSM that stopped
+answering, a wedged driver) cannot be taken back; what can be bounded is what it
+costs. With ``call_timeout`` set, a watchdog thread checks the workers: one whose
+current HSM call has run longer than that is *abandoned*. Its batch is answered at
+once with UNAVAILABLE (the gateway retries elsewhere), a fresh session is opened for
+a new worker thread so the token keeps its ``sessions`` count, and the old thread,
+whenever its call returns, closes its session and ends without touching the results.
+At most ``max_stuck`` (default: the session count) abandoned calls may be
+outstanding at once; one more is treated as an HSM fault (NOT_SERVING, then
+:meth:`recover`, which waits for the stuck calls to return before it re-initialises
+the module, since finalising under a running call is what must never happen).
+
 ``fault_injector`` is a test hook: when set, it is called with the name of the HSM
 call about to be made ("sign", "decrypt", "probe", "find_objects", "discover",
 "call") and may raise a python-pkcs11 exception or sleep, so failure tests run
@@ -101,14 +120,20 @@ class Job:
 
     @classmethod
     def sign(
-        cls, key: KeyInfo | bytes, algorithm: pb.Algorithm, data: bytes,
+        cls,
+        key: KeyInfo | bytes,
+        algorithm: pb.Algorithm,
+        data: bytes,
         deadline: float | None = None,
     ) -> Job:
         return cls(key=key, data=data, algorithm=algorithm, deadline=deadline)
 
     @classmethod
     def decrypt(
-        cls, key: KeyInfo | bytes, mode: pb.DecryptMode, data: bytes,
+        cls,
+        key: KeyInfo | bytes,
+        mode: pb.DecryptMode,
+        data: bytes,
         deadline: float | None = None,
     ) -> Job:
         return cls(key=key, data=data, decrypt_mode=mode, deadline=deadline)
@@ -116,8 +141,11 @@ class Job:
     def __repr__(self) -> str:
         # Never show the input: it may be a digest of something private or a ciphertext.
         ski = self.key.ski if isinstance(self.key, KeyInfo) else self.key
-        op = (pb.DecryptMode.Name(self.decrypt_mode) if self.decrypt_mode
-              else _algorithm_name(self.algorithm))
+        op = (
+            pb.DecryptMode.Name(self.decrypt_mode)
+            if self.decrypt_mode
+            else _algorithm_name(self.algorithm)
+        )
         return f"Job({op}, ski={ski.hex()}, {len(self.data)} bytes)"
 
 
@@ -145,7 +173,11 @@ class _Work:
     __slots__ = ("data", "deadline", "index", "k", "key", "spec")
 
     def __init__(
-        self, index: int, spec: SignSpec | DecryptSpec, key: KeyInfo, data: bytes,
+        self,
+        index: int,
+        spec: SignSpec | DecryptSpec,
+        key: KeyInfo,
+        data: bytes,
         deadline: float | None,
     ) -> None:
         self.index = index
@@ -159,8 +191,9 @@ class _Work:
 class _Batch:
     __slots__ = ("future", "results", "work")
 
-    def __init__(self, work: list[_Work], results: list[Result | None],
-                 future: Future[list[Result]]) -> None:
+    def __init__(
+        self, work: list[_Work], results: list[Result | None], future: Future[list[Result]]
+    ) -> None:
         self.work = work
         self.results = results
         self.future = future
@@ -178,9 +211,14 @@ class _Control:
 _STOP: Final = object()
 
 
+class _Abandoned(Exception):
+    """Raised in a worker whose stuck call the watchdog gave up on."""
+
+
 def _deadline_error() -> HsmError:
-    return HsmError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                    "the deadline passed before an HSM session was free")
+    return HsmError(
+        grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before an HSM session was free"
+    )
 
 
 class _Worker:
@@ -192,9 +230,21 @@ class _Worker:
         self.session = session
         self.keyset: _KeySet | None = None
         self.objects: dict[bytes, Any] = {}
-        self.thread = threading.Thread(
-            target=self._run, name=f"keyward-hsm-{index}", daemon=True
-        )
+        self.thread = threading.Thread(target=self._run, name=f"keyward-hsm-{index}", daemon=True)
+        # For the stuck-call watchdog: when the current HSM call began (None between
+        # calls), the item being worked on, and whether the watchdog gave up on it.
+        # ``lock`` orders a result being stored against the watchdog answering it.
+        self.lock = threading.Lock()
+        self.busy_since: float | None = None
+        self.current: _Batch | _Control | None = None
+        self.abandoned = False
+
+    def _done_calling(self) -> None:
+        """After an HSM call: raise _Abandoned if the watchdog gave up on it."""
+        with self.lock:
+            self.busy_since = None
+            if self.abandoned:
+                raise _Abandoned
 
     # -- object cache -----------------------------------------------------------------
 
@@ -222,20 +272,29 @@ class _Worker:
             if injector is not None:
                 injector("probe")
             if not token.module.session_state(self.session.handle).logged_in:
-                raise HsmError(grpc.StatusCode.UNAVAILABLE,
-                               "the token session is no longer logged in",
-                               ckr="CKR_USER_NOT_LOGGED_IN", hsm_fault=True)
+                raise HsmError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the token session is no longer logged in",
+                    ckr="CKR_USER_NOT_LOGGED_IN",
+                    hsm_fault=True,
+                )
         for key in missing:
-            log.warning("worker %d: cannot find private key %r (SKI %s) on its session",
-                        self.index, key.label, key.ski.hex())
+            log.warning(
+                "worker %d: cannot find private key %r (SKI %s) on its session",
+                self.index,
+                key.label,
+                key.ski.hex(),
+            )
         self.objects = objects
         self.keyset = keyset
 
     def _search(self, key: KeyInfo) -> Any:
         # Handles differ between sessions on some modules: fall back to the
         # attributes, and accept only an unambiguous match.
-        template: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY,
-                                          Attribute.ID: key.id}
+        template: dict[Attribute, Any] = {
+            Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+            Attribute.ID: key.id,
+        }
         if key.label:
             template[Attribute.LABEL] = key.label
         matches = list(self.session.get_objects(template))
@@ -244,6 +303,16 @@ class _Worker:
     # -- main loop --------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except _Abandoned:
+            # The watchdog answered our work and replaced us; our call finally returned.
+            log.warning("worker %d: its stuck HSM call returned; closing its session", self.index)
+            with contextlib.suppress(Exception):
+                self.session.close()
+            self.token._abandoned_exited(self)
+
+    def _loop(self) -> None:
         token = self.token
         tasks = token._queue
         # The object cache was built by Token._open before this thread started.
@@ -251,6 +320,7 @@ class _Worker:
             item = tasks.get()
             if item is _STOP:
                 return
+            self.current = item  # type: ignore[assignment]
             if isinstance(item, _Control):
                 self._run_control(item)
                 continue
@@ -260,6 +330,8 @@ class _Worker:
                 continue
             try:
                 self._run_batch(item)
+            except _Abandoned:
+                raise
             except BaseException as exc:  # a bug here must not kill the worker
                 error = classify(exc, context="batch")
                 log.exception("worker %d: unexpected failure running a batch", self.index)
@@ -272,10 +344,14 @@ class _Worker:
         token = self.token
         keyset = token._keyset
         if keyset is not self.keyset:
+            self.busy_since = time.monotonic()
+            error: HsmError | None = None
             try:
                 self._rebuild(keyset)
             except Exception as exc:
                 error = self._failure(exc, "finding key objects", None)
+            self._done_calling()
+            if error is not None:
                 for work in batch.work:
                     batch.results[work.index] = error
                 return
@@ -283,7 +359,8 @@ class _Worker:
         objects = self.objects
         monotonic = time.monotonic
         for work in batch.work:
-            if work.deadline is not None and monotonic() >= work.deadline:
+            now = monotonic()
+            if work.deadline is not None and now >= work.deadline:
                 results[work.index] = _deadline_error()
                 continue
             obj = objects.get(work.key.ski)
@@ -294,22 +371,32 @@ class _Worker:
                 )
                 continue
             spec = work.spec
+            self.busy_since = now
+            out: Result
             try:
                 injector = token.fault_injector
                 if isinstance(spec, SignSpec):
                     if injector is not None:
                         injector("sign")
-                    results[work.index] = spec.sign(obj, work.data)
+                    out = spec.sign(obj, work.data)
                 else:
                     if injector is not None:
                         injector("decrypt")
-                    results[work.index] = spec.decrypt(obj, work.data, work.k)
+                    out = spec.decrypt(obj, work.data, work.k)
             except Exception as exc:
-                results[work.index] = self._failure(exc, spec.name, spec)
+                out = self._failure(exc, spec.name, spec)
+            with self.lock:
+                self.busy_since = None
+                if self.abandoned:
+                    raise _Abandoned
+                results[work.index] = out
 
     def _run_control(self, control: _Control) -> None:
         if not control.future.set_running_or_notify_cancel():
             return
+        self.busy_since = time.monotonic()
+        failure: BaseException | None = None
+        result: Any = None
         try:
             injector = self.token.fault_injector
             if injector is not None:
@@ -325,20 +412,22 @@ class _Worker:
                         session.close()
             else:
                 result = control.fn(self.session)
-        except HsmError as exc:
-            control.future.set_exception(exc)
-        except ValueError as exc:
-            # Callers (admin) use ValueError for their own refusals; keep its text.
-            control.future.set_exception(exc)
+        except (HsmError, ValueError) as exc:
+            # ValueError: callers (admin) use it for their own refusals; keep its text.
+            failure = exc
         except Exception as exc:
-            control.future.set_exception(self._failure(exc, "HSM call", None))
+            failure = self._failure(exc, "HSM call", None)
+        self._done_calling()
+        if failure is not None:
+            control.future.set_exception(failure)
         else:
             control.future.set_result(result)
 
     # -- errors -----------------------------------------------------------------------
 
-    def _failure(self, exc: BaseException, context: str,
-                 spec: SignSpec | DecryptSpec | None) -> HsmError:
+    def _failure(
+        self, exc: BaseException, context: str, spec: SignSpec | DecryptSpec | None
+    ) -> HsmError:
         error = classify(exc, context=context)
         if is_ambiguous(error):
             error = self._disambiguate(error, context, spec)
@@ -348,8 +437,9 @@ class _Worker:
             self.token._note_fault(error)
         return error
 
-    def _disambiguate(self, error: HsmError, context: str,
-                      spec: SignSpec | DecryptSpec | None) -> HsmError:
+    def _disambiguate(
+        self, error: HsmError, context: str, spec: SignSpec | DecryptSpec | None
+    ) -> HsmError:
         token = self.token
         try:
             injector = token.fault_injector
@@ -362,23 +452,36 @@ class _Worker:
                 grpc.StatusCode.UNAVAILABLE,
                 f"{context} failed: {error.ckr}, and the session probe failed too "
                 f"({probe.ckr or probe.code.name})",
-                ckr=error.ckr, hsm_fault=True,
+                ckr=error.ckr,
+                hsm_fault=True,
             )
         if token._logged_in and not state.logged_in:
-            return HsmError(grpc.StatusCode.UNAVAILABLE,
-                            f"{context} failed: {error.ckr}; the session is no longer logged in",
-                            ckr=error.ckr, hsm_fault=True)
+            return HsmError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{context} failed: {error.ckr}; the session is no longer logged in",
+                ckr=error.ckr,
+                hsm_fault=True,
+            )
         if state.device_error:
-            return HsmError(grpc.StatusCode.UNAVAILABLE,
-                            f"{context} failed: {error.ckr}; the device reports error "
-                            f"0x{state.device_error:x}", ckr=error.ckr, hsm_fault=True)
+            return HsmError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{context} failed: {error.ckr}; the device reports error 0x{state.device_error:x}",
+                ckr=error.ckr,
+                hsm_fault=True,
+            )
         if isinstance(spec, DecryptSpec) and not spec.raw:
-            return HsmError(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"{context} failed: the ciphertext does not decrypt to a valid "
-                            f"PKCS#1 v1.5 block ({error.ckr})", ckr=error.ckr)
-        return HsmError(grpc.StatusCode.INTERNAL,
-                        f"{context} failed: {error.ckr}; the session is healthy, so this is "
-                        "not treated as an HSM fault", ckr=error.ckr)
+            return HsmError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{context} failed: the ciphertext does not decrypt to a valid "
+                f"PKCS#1 v1.5 block ({error.ckr})",
+                ckr=error.ckr,
+            )
+        return HsmError(
+            grpc.StatusCode.INTERNAL,
+            f"{context} failed: {error.ckr}; the session is healthy, so this is "
+            "not treated as an HSM fault",
+            ckr=error.ckr,
+        )
 
 
 def _same_key_object(obj: Any, key: KeyInfo) -> bool:
@@ -397,6 +500,9 @@ class Token:
 
     ``mechanism_allowlist`` (tests only) restricts the token's mechanism list, to
     simulate a token without, say, ``CKM_EDDSA``.
+
+    ``call_timeout`` (seconds, None for no bound) and ``max_stuck`` bound what an HSM
+    call that never returns can cost; see "Stuck calls" above.
     """
 
     fault_injector: FaultInjector | None
@@ -412,11 +518,14 @@ class Token:
         mechanism_allowlist: Iterable[int] | None = None,
         fault_injector: FaultInjector | None = None,
         on_fault: Callable[[HsmError], None] | None = None,
+        call_timeout: float | None = None,
+        max_stuck: int | None = None,
     ) -> None:
         self.uri = parse_pkcs11_uri(uri) if isinstance(uri, str) else uri
         if self.uri.module_path is None:
-            raise HsmError(grpc.StatusCode.FAILED_PRECONDITION,
-                           "the PKCS#11 URI has no module-path")
+            raise HsmError(
+                grpc.StatusCode.FAILED_PRECONDITION, "the PKCS#11 URI has no module-path"
+            )
         count = sessions if sessions is not None else (self.uri.max_sessions or DEFAULT_SESSIONS)
         if count < 1:
             raise ValueError("sessions must be at least 1")
@@ -428,8 +537,11 @@ class Token:
         # return quickly and must not call close()/recover() itself (they wait for
         # the workers), only signal whoever will.
         self.on_fault = on_fault
-        self._allowlist = (frozenset(int(m) for m in mechanism_allowlist)
-                           if mechanism_allowlist is not None else None)
+        self._allowlist = (
+            frozenset(int(m) for m in mechanism_allowlist)
+            if mechanism_allowlist is not None
+            else None
+        )
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending = 0
@@ -439,18 +551,38 @@ class Token:
         self._sessions: list[Any] = []
         self._logged_in = False
         self._keyset = _KeySet(0, ())
+        if call_timeout is not None and call_timeout <= 0:
+            raise ValueError("call_timeout must be positive (or None)")
+        self.call_timeout = call_timeout
+        # Workers abandoned in a stuck call whose thread has not ended yet.
+        self._abandoned: list[_Worker] = []
+        self.abandoned_calls = 0  # ever, for metrics and tests
+        self._spawned = 0
+        self._watchdog_stop = threading.Event()
+        # Held while a replacement session is being opened: recover() and close() take
+        # it too, so the module is never re-initialised or finalised under that work.
+        self._replacing = threading.Lock()
+        self._replacements = 0  # replacement workers being started
+        self._watchdog: threading.Thread | None = None
         self.module: Pkcs11Module = open_module(self.uri.module_path)
         self._session_count = count
         if self.module.serialize and count > 1:
-            log.warning("module %s cannot lock: using 1 session instead of %d",
-                        self.module.path, count)
+            log.warning(
+                "module %s cannot lock: using 1 session instead of %d", self.module.path, count
+            )
             self._session_count = 1
+        self.max_stuck = max_stuck if max_stuck is not None else self._session_count
         try:
             self._open()
         except BaseException:
             self._teardown()
             self.module.release()
             raise
+        if call_timeout is not None:
+            self._watchdog = threading.Thread(
+                target=self._watch, name="keyward-hsm-watchdog", daemon=True
+            )
+            self._watchdog.start()
 
     # -- opening and closing ----------------------------------------------------------
 
@@ -478,7 +610,7 @@ class Token:
             self._keyset = _KeySet(previous.generation + 1, tuple(keys))
         else:
             self._keyset = _KeySet(previous.generation, tuple(keys))
-        workers = [_Worker(self, i, s) for i, s in enumerate(self._sessions)]
+        workers = [_Worker(self, self._next_index(), s) for s in self._sessions]
         # Each worker's object cache is built here, before its thread exists (so the
         # session still has one user at a time), and a failure fails the open.
         for worker in workers:
@@ -491,8 +623,130 @@ class Token:
         self._workers = workers
         for worker in workers:
             worker.thread.start()
-        log.info("token %r (serial %s): %d sessions, %d keys", self.label, self.serial,
-                 len(self._sessions), len(keys))
+        log.info(
+            "token %r (serial %s): %d sessions, %d keys",
+            self.label,
+            self.serial,
+            len(self._sessions),
+            len(keys),
+        )
+
+    def _next_index(self) -> int:
+        self._spawned += 1
+        return self._spawned - 1
+
+    # -- stuck calls ------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """The watchdog thread: abandon workers stuck in one HSM call too long."""
+        assert self.call_timeout is not None
+        limit = self.call_timeout
+        interval = min(0.1, limit / 4)
+        while not self._watchdog_stop.wait(interval):
+            if self._closing:
+                continue
+            now = time.monotonic()
+            for worker in list(self._workers):
+                since = worker.busy_since
+                if since is not None and now - since > limit:
+                    try:
+                        self._abandon(worker, now - since)
+                    except Exception:  # the watchdog must outlive its own failures
+                        log.exception("HSM watchdog: abandoning worker %d failed", worker.index)
+
+    def _abandon(self, worker: _Worker, stuck_for: float) -> None:
+        error = HsmError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"an HSM call ran for more than {self.call_timeout:g}s; its session was abandoned",
+        )
+        with worker.lock:
+            if worker.busy_since is None or worker.abandoned:
+                return  # it returned meanwhile
+            worker.abandoned = True
+            item = worker.current
+            # Answer its work now; the thread will not touch it again (see _done_calling).
+            if isinstance(item, _Batch):
+                for work in item.work:
+                    if item.results[work.index] is None:
+                        item.results[work.index] = error
+                if not item.future.done():
+                    item.future.set_result(item.results)  # type: ignore[arg-type]
+            elif isinstance(item, _Control) and not item.future.done():
+                item.future.set_exception(error)
+        with self._lock:
+            self.abandoned_calls += 1
+            if worker in self._workers:
+                self._workers.remove(worker)
+            if worker.session in self._sessions:
+                self._sessions.remove(worker.session)
+            self._abandoned = [w for w in self._abandoned if w.thread.is_alive()]
+            self._abandoned.append(worker)
+            stuck = len(self._abandoned)
+            replace = stuck <= self.max_stuck
+            if replace:
+                self._replacements += 1
+        log.error(
+            "HSM worker %d stuck in one call for %.1fs: abandoned it (%d stuck, at most %d)",
+            worker.index,
+            stuck_for,
+            stuck,
+            self.max_stuck,
+        )
+        if not replace:
+            self._note_fault(
+                HsmError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{stuck} HSM calls stuck for more than {self.call_timeout:g}s",
+                    hsm_fault=True,
+                )
+            )
+            return
+        # Keep the token at its session count, from another thread: opening a session
+        # may hang too when the HSM is what is stuck, and the watchdog must go on.
+        threading.Thread(
+            target=self._replace, args=(worker,), name="keyward-hsm-replace", daemon=True
+        ).start()
+
+    def _replace(self, worker: _Worker) -> None:
+        """A new session, worker and thread for an abandoned one. The object cache is
+        built before the thread starts, as in _open."""
+        try:
+            with self._replacing:
+                if self._closing:
+                    return
+                try:
+                    session = self._p11_token.open()
+                    fresh = _Worker(self, self._next_index(), session)
+                    fresh._rebuild(self._keyset)
+                except Exception as exc:
+                    self._note_fault(classify(exc, context="replacing a stuck HSM session"))
+                    return
+                with self._lock:
+                    if self._closing:
+                        with contextlib.suppress(Exception):
+                            session.close()
+                        return
+                    self._sessions.append(session)
+                    self._workers.append(fresh)
+                fresh.thread.start()
+                log.warning(
+                    "HSM worker %d started on a new session in place of %d",
+                    fresh.index,
+                    worker.index,
+                )
+        finally:
+            with self._lock:
+                self._replacements -= 1
+
+    def _abandoned_exited(self, worker: _Worker) -> None:
+        with self._lock:
+            if worker in self._abandoned:
+                self._abandoned.remove(worker)
+
+    @property
+    def stuck_calls(self) -> int:
+        """Abandoned HSM calls that have not returned yet."""
+        return sum(1 for w in self._abandoned if w.thread.is_alive())
 
     def _find_token(self) -> tuple[Any, Any]:
         uri = self.uri
@@ -521,9 +775,7 @@ class Token:
                 continue
             if uri.slot_manufacturer is not None and slot.manufacturer_id != uri.slot_manufacturer:
                 continue
-            if uri.slot_description is not None and (
-                slot.slot_description != uri.slot_description
-            ):
+            if uri.slot_description is not None and (slot.slot_description != uri.slot_description):
                 continue
             try:
                 p11_token = slot.get_token()
@@ -553,8 +805,12 @@ class Token:
 
     def _no_token(self, why: str) -> HsmError:
         # UNAVAILABLE and a fault: a network HSM or a token may come back.
-        return HsmError(grpc.StatusCode.UNAVAILABLE, f"{why} {self.uri.redacted()}",
-                        ckr="CKR_TOKEN_NOT_PRESENT", hsm_fault=True)
+        return HsmError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{why} {self.uri.redacted()}",
+            ckr="CKR_TOKEN_NOT_PRESENT",
+            hsm_fault=True,
+        )
 
     def _login(self) -> None:
         first = self._sessions[0]
@@ -563,8 +819,9 @@ class Token:
         elif self._p11_token.flags & TokenFlag.PROTECTED_AUTHENTICATION_PATH:
             pin = None  # the token's own PIN pad
         else:
-            log.warning("no PIN in %s: not logging in; private keys may be invisible",
-                        self.uri.redacted())
+            log.warning(
+                "no PIN in %s: not logging in; private keys may be invisible", self.uri.redacted()
+            )
             return
         try:
             self.module.login(first.handle, self.slot_id, pin)
@@ -576,18 +833,21 @@ class Token:
         injector = self.fault_injector
         if injector is not None:
             injector("discover")
-        return discover_keys(session, self.mechanisms, key_id=self.uri.object_id,
-                             label=self.uri.object_label)
+        return discover_keys(
+            session, self.mechanisms, key_id=self.uri.object_id, label=self.uri.object_label
+        )
 
     def _stop_workers(self, timeout: float | None) -> bool:
         """Stop the worker threads; queued batches run first. True if all stopped."""
-        for _ in self._workers:
+        with self._lock:
+            workers = list(self._workers)  # the watchdog may remove one meanwhile
+        for _ in workers:
             self._queue.put(_STOP)
         deadline = None if timeout is None else time.monotonic() + timeout
-        for worker in self._workers:
+        for worker in workers:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             worker.thread.join(remaining)
-        stuck = [w.index for w in self._workers if w.thread.is_alive()]
+        stuck = [w.index for w in workers if w.thread.is_alive() and not w.abandoned]
         if stuck:
             log.error("HSM workers %s did not stop (stuck in an HSM call?)", stuck)
             return False
@@ -636,12 +896,21 @@ class Token:
             if self._closing:
                 return
             self._closing = True
+        self._watchdog_stop.set()
         if not drain:
             self._fail_queued("the HSM token is closing")
         stopped = self._stop_workers(timeout)
         self._fail_queued("the HSM token is closed")
-        if not stopped:
+        if not stopped or self.stuck_calls:
+            if self.stuck_calls:
+                log.error(
+                    "%d HSM calls are still stuck: leaving the module as it is", self.stuck_calls
+                )
             return
+        if not self._replacing.acquire(timeout=timeout if timeout is not None else -1):
+            log.error("a replacement HSM session is stuck opening: leaving the module as it is")
+            return
+        self._replacing.release()
         self._teardown()
         self.module.release()
 
@@ -668,16 +937,35 @@ class Token:
         try:
             self._fail_queued("the HSM is being recovered")
             if not self._stop_workers(timeout):
-                raise HsmError(grpc.StatusCode.UNAVAILABLE,
-                               "HSM workers are stuck in a call; cannot recover yet")
-            self._fail_queued("the HSM is being recovered")
-            with contextlib.suppress(Exception):
-                self._teardown()
-            self._sessions = []
-            self._logged_in = False
-            self.module.reinitialize()
-            self._open()
-            self._fault = None
+                raise HsmError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "HSM workers are stuck in a call; cannot recover yet",
+                )
+            self._fail_queued("the HSM is being recovered")  # and any stale stop marker
+            stuck = self.stuck_calls
+            if stuck:
+                # C_Finalize under a running call is undefined behaviour: wait for the
+                # abandoned calls to come back (the signer stays NOT_SERVING meanwhile).
+                raise HsmError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{stuck} abandoned HSM calls have not returned; cannot re-initialise "
+                    "the module under them yet",
+                )
+            if not self._replacing.acquire(timeout=timeout if timeout is not None else -1):
+                raise HsmError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "a replacement HSM session is stuck opening; cannot recover yet",
+                )
+            try:
+                with contextlib.suppress(Exception):
+                    self._teardown()
+                self._sessions = []
+                self._logged_in = False
+                self.module.reinitialize()
+                self._open()
+                self._fault = None
+            finally:
+                self._replacing.release()
         except BaseException:
             with contextlib.suppress(Exception):
                 self._teardown()
@@ -691,9 +979,14 @@ class Token:
     @property
     def healthy(self) -> bool:
         """False once closed, after an HSM fault (until :meth:`recover`), or if a worker died."""
-        if self._closing or self._fault is not None or not self._workers:
+        if self._closing or self._fault is not None or not self._serviceable():
             return False
         return all(worker.thread.is_alive() for worker in self._workers)
+
+    def _serviceable(self) -> bool:
+        # A worker being replaced after a stuck call counts: work queued meanwhile
+        # waits for the new worker instead of failing.
+        return bool(self._workers) or self._replacements > 0
 
     @property
     def last_fault(self) -> HsmError | None:
@@ -722,8 +1015,9 @@ class Token:
         keys = keyset.keys
         if ski is not None:
             if len(ski) != _SKI_LEN:
-                raise HsmError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"an SKI is {_SKI_LEN} bytes, got {len(ski)}")
+                raise HsmError(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"an SKI is {_SKI_LEN} bytes, got {len(ski)}"
+                )
             found = keyset.by_ski.get(bytes(ski))
             if found is None:
                 raise HsmError(grpc.StatusCode.NOT_FOUND, f"no key with SKI {ski.hex()}")
@@ -734,8 +1028,10 @@ class Token:
                 return matches[0]
             if not matches:
                 raise HsmError(grpc.StatusCode.NOT_FOUND, f"no key with label {label!r}")
-            raise HsmError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"{len(matches)} keys have label {label!r}; select by SKI")
+            raise HsmError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(matches)} keys have label {label!r}; select by SKI",
+            )
         raise HsmError(grpc.StatusCode.INVALID_ARGUMENT, "no key selector given")
 
     def _note_fault(self, error: HsmError) -> None:
@@ -752,18 +1048,20 @@ class Token:
 
     # -- work -------------------------------------------------------------------------
 
-    def _prepare(self, index: int, job: Job, by_ski: dict[bytes, KeyInfo],
-                 now: float) -> _Work:
+    def _prepare(self, index: int, job: Job, by_ski: dict[bytes, KeyInfo], now: float) -> _Work:
         if job.algorithm and job.decrypt_mode:
-            raise HsmError(grpc.StatusCode.INVALID_ARGUMENT,
-                           "a job is a signature or a decryption, not both")
+            raise HsmError(
+                grpc.StatusCode.INVALID_ARGUMENT, "a job is a signature or a decryption, not both"
+            )
         if not job.algorithm and not job.decrypt_mode:
-            raise HsmError(grpc.StatusCode.INVALID_ARGUMENT,
-                           "no signing algorithm or decrypt mode given")
+            raise HsmError(
+                grpc.StatusCode.INVALID_ARGUMENT, "no signing algorithm or decrypt mode given"
+            )
         ski = job.key.ski if isinstance(job.key, KeyInfo) else job.key
         if len(ski) != _SKI_LEN:
-            raise HsmError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"an SKI is {_SKI_LEN} bytes, got {len(ski)}")
+            raise HsmError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"an SKI is {_SKI_LEN} bytes, got {len(ski)}"
+            )
         key = by_ski.get(ski if type(ski) is bytes else bytes(ski))
         if key is None:
             raise HsmError(grpc.StatusCode.NOT_FOUND, f"no key with SKI {bytes(ski).hex()}")
@@ -804,7 +1102,7 @@ class Token:
             future.set_result(results)  # type: ignore[arg-type]
             return future
         with self._lock:
-            if self._closing or not self._workers:
+            if self._closing or not self._serviceable():
                 raise HsmError(grpc.StatusCode.UNAVAILABLE, "the HSM token is closed")
             if self._pending + len(work) > self.max_queue:
                 raise HsmError(
@@ -834,8 +1132,7 @@ class Token:
             raise result
         return result
 
-    def call(self, fn: Callable[[Any], T], *, rw: bool = False,
-             timeout: float | None = 60.0) -> T:
+    def call(self, fn: Callable[[Any], T], *, rw: bool = False, timeout: float | None = 60.0) -> T:
         """Run ``fn(session)`` on a worker thread and return its result.
 
         With ``rw=True`` the worker opens a temporary read/write session (already
@@ -845,7 +1142,7 @@ class Token:
         """
         future: Future[T] = Future()
         with self._lock:
-            if self._closing or not self._workers:
+            if self._closing or not self._serviceable():
                 raise HsmError(grpc.StatusCode.UNAVAILABLE, "the HSM token is closed")
             self._queue.put(_Control(fn, future, rw))
         return future.result(timeout)
@@ -864,5 +1161,7 @@ class Token:
 
     def __repr__(self) -> str:
         state = "closed" if self._closing else ("healthy" if self.healthy else "unhealthy")
-        return (f"<Token {getattr(self, 'label', '?')!r} sessions={len(self._sessions)} "
-                f"keys={len(self._keyset.keys)} {state}>")
+        return (
+            f"<Token {getattr(self, 'label', '?')!r} sessions={len(self._sessions)} "
+            f"keys={len(self._keyset.keys)} {state}>"
+        )

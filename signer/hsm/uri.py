@@ -187,9 +187,7 @@ class Pkcs11Uri:
         if self.pin_value is not None:
             return self.pin_value
         if self.pin_source is None:
-            raise UriError(
-                "the PKCS#11 URI has neither pin-value nor pin-source", "pin-source"
-            )
+            raise UriError("the PKCS#11 URI has neither pin-value nor pin-source", "pin-source")
         kind, target = _split_pin_source(self.pin_source)
         if kind == "env":
             pin = os.environ.get(target)
@@ -240,20 +238,20 @@ def _split_pin_source(source: str) -> tuple[str, str]:
     if source.startswith("env:"):
         name = source[4:]
         if not _ENV_NAME.fullmatch(name):
-            raise UriError(f"pin-source {source!r}: not a valid environment variable name",
-                           "pin-source")
+            raise UriError(
+                f"pin-source {source!r}: not a valid environment variable name", "pin-source"
+            )
         return "env", name
     if source.startswith("file://"):
         parsed = urllib.parse.urlsplit(source)
         if parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/"):
-            raise UriError(f"pin-source {source!r}: only local absolute file: URIs are "
-                           "supported", "pin-source")
+            raise UriError(
+                f"pin-source {source!r}: only local absolute file: URIs are supported", "pin-source"
+            )
         return "file", parsed.path
     path = source[5:] if source.startswith("file:") else source
     if not Path(path).is_absolute():
-        raise UriError(
-            f"pin-source {source!r}: use file:/absolute/path or env:NAME", "pin-source"
-        )
+        raise UriError(f"pin-source {source!r}: use file:/absolute/path or env:NAME", "pin-source")
     return "file", path
 
 
@@ -276,9 +274,7 @@ def _split_attr(part: str, where: str) -> tuple[str, str]:
     name, sep, value = part.partition("=")
     name = name.strip()
     if not sep:
-        raise UriError(
-            f"{where} attribute {name or part!r} has no '=value'", name or None
-        )
+        raise UriError(f"{where} attribute {name or part!r} has no '=value'", name or None)
     if not _NAME.fullmatch(name):
         raise UriError(f"{where} attribute name {name!r} is malformed", name or None)
     return name, value.strip()
@@ -314,8 +310,11 @@ def parse_pkcs11_uri(text: str, *, strict: bool = True) -> Pkcs11Uri:
         if name not in PATH_ATTRIBUTES:
             raise UriError(f"unknown PKCS#11 URI path attribute {name!r}", name)
         if not _PCHAR.fullmatch(raw):
-            raise UriError(f"attribute {name}: value contains characters not allowed "
-                           "in a PKCS#11 URI path (percent-encode them)", name)
+            raise UriError(
+                f"attribute {name}: value contains characters not allowed "
+                "in a PKCS#11 URI path (percent-encode them)",
+                name,
+            )
         _store(values, name, raw)
 
     if qmark:
@@ -337,8 +336,11 @@ def parse_pkcs11_uri(text: str, *, strict: bool = True) -> Pkcs11Uri:
             if name not in QUERY_ATTRIBUTES:
                 raise UriError(f"unknown PKCS#11 URI query attribute {name!r}", name)
             if not _QCHAR.fullmatch(raw):
-                raise UriError(f"attribute {name}: value contains characters not allowed "
-                               "in a PKCS#11 URI query (percent-encode them)", name)
+                raise UriError(
+                    f"attribute {name}: value contains characters not allowed "
+                    "in a PKCS#11 URI query (percent-encode them)",
+                    name,
+                )
             _store(values, name, raw)
 
     if "pin-value" in values and "pin-source" in values:
@@ -383,8 +385,7 @@ def _store(values: dict[str, object], name: str, raw: str) -> None:
             )
         if name == "type" and text not in _OBJECT_TYPES:
             raise UriError(
-                f"attribute type must be one of {', '.join(sorted(_OBJECT_TYPES))}, "
-                f"got {text!r}",
+                f"attribute type must be one of {', '.join(sorted(_OBJECT_TYPES))}, got {text!r}",
                 name,
             )
         # pin-value must not be echoed in any message, so it is never included above.
