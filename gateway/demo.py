@@ -69,58 +69,61 @@ class Demo:
         )
 
 
-def prepare(state: Path) -> Demo:
-    """Create (or reuse) token, keys and PKI under ``state``."""
+def init_token(directory: Path) -> Demo:
+    """The SoftHSM2 configuration, token, PIN file and demo keys under ``directory``
+    (reused when present). ``keyward dev-init`` calls this too."""
     module = find_softhsm()
-    state = state.resolve()
-    (state / "tokens").mkdir(parents=True, exist_ok=True)
-    os.chmod(state, 0o700)
-    conf = state / "softhsm2.conf"
+    (directory / "tokens").mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    conf = directory / "softhsm2.conf"
     if not conf.exists():
         conf.write_text(
-            f"directories.tokendir = {state / 'tokens'}\nobjectstore.backend = file\n"
+            f"directories.tokendir = {directory / 'tokens'}\nobjectstore.backend = file\n"
             "log.level = ERROR\nslots.removable = false\n"
         )
-    env = dict(os.environ, SOFTHSM2_CONF=str(conf))
-    demo = Demo(state, module, env)
+    demo = Demo(directory, module, dict(os.environ, SOFTHSM2_CONF=str(conf)))
     if not demo.pin_file.exists():
         util = shutil.which("softhsm2-util")
         if util is None:
             raise CommandError("softhsm2-util not found (apt-get install softhsm2)")
         pin, so_pin = secrets.token_hex(8), secrets.token_hex(8)
         # softhsm2-util only takes PINs as arguments; this runs once, on a demo token.
+        init = [util, "--init-token", "--free", "--label", TOKEN_LABEL]
         subprocess.run(
-            [
-                util,
-                "--init-token",
-                "--free",
-                "--label",
-                TOKEN_LABEL,
-                "--pin",
-                pin,
-                "--so-pin",
-                so_pin,
-            ],
-            env=env,
+            [*init, "--pin", pin, "--so-pin", so_pin],
+            env=demo.env,
             check=True,
             stdout=subprocess.DEVNULL,
         )
         fd = os.open(demo.pin_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(pin + "\n")
-    existing = {k["label"]: k for k in _keys_list(demo)}
+    existing = {k["label"] for k in _keys_list(demo)}
     for kind, label in DEMO_KEYS.items():
         if label not in existing:
             _keyward(
                 demo, "keys", "generate", "--type", kind, "--label", label, "--pkcs11-uri", demo.uri
             )
-    keys_dir = state / "keys"
-    keys_dir.mkdir(exist_ok=True)
+    return demo
+
+
+def export_public_keys(demo: Demo, keys_dir: Path) -> list[str]:
+    """Write ``NAME.pubkey`` for each demo key (what test-keyserver reads)."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    names = []
     for k in _keys_list(demo):
         if k["label"] in DEMO_KEYS.values():
-            (keys_dir / f"{k['label'].removeprefix('demo-')}.pubkey").write_text(
-                k["public_key_pem"]
-            )
+            name = k["label"].removeprefix("demo-")
+            (keys_dir / f"{name}.pubkey").write_text(k["public_key_pem"])
+            names.append(name)
+    return names
+
+
+def prepare(state: Path) -> Demo:
+    """Create (or reuse) token, keys and PKI under ``state``."""
+    state = state.resolve()
+    demo = init_token(state)
+    export_public_keys(demo, state / "keys")
     ca = LocalCA.load_or_create(state, "Keyward Demo CA")
     ca.issue(
         state,
@@ -209,12 +212,69 @@ async def self_check(demo: Demo, address: str) -> list[str]:
     return failures
 
 
+class LocalCluster:
+    """Two signers on the demo token and a gateway in front of them, as processes.
+
+    ``keyward demo`` runs one until stopped; the benchmarks start one per run.
+    ``env`` is added to every service's environment (the benchmarks use it for
+    OTEL_* settings).
+    """
+
+    def __init__(
+        self, demo: Demo, port: int, *, signers: int = 2, env: dict[str, str] | None = None
+    ) -> None:
+        self.demo = demo
+        self.port = port
+        self.count = signers
+        self.env = dict(demo.env, **(env or {}))
+        self.signers: list[Service] = []
+        self.gateway: Service | None = None
+
+    @property
+    def services(self) -> list[Service]:
+        return [*self.signers, *([self.gateway] if self.gateway else [])]
+
+    def start(self) -> str:
+        """Start everything; returns the gateway's keyless address."""
+        demo = self.demo
+        logs = demo.state / "logs"
+        logs.mkdir(exist_ok=True)
+        write_configs(demo, self.port)
+        for n in range(1, self.count + 1):
+            self.signers.append(
+                Service(
+                    f"signer-{n}",
+                    keyward_argv(
+                        "signer", "--config", str(demo.state / f"signer-{(n - 1) % 2 + 1}.yaml")
+                    ),
+                    self.env,
+                    logs / f"signer-{n}.log",
+                )
+            )
+        addresses = [svc.wait_ready(60) for svc in self.signers]
+        write_configs(demo, self.port, addresses)
+        self.gateway = Service(
+            "gateway",
+            keyward_argv("gateway", "--config", str(demo.state / "gateway.yaml")),
+            self.env,
+            logs / "gateway.log",
+        )
+        return self.gateway.wait_ready(60)
+
+    def stop(self) -> None:
+        for svc in reversed(self.services):
+            with contextlib.suppress(Exception):
+                svc.stop()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def run(state: Path, port: int) -> int:
     demo = prepare(state)
-    logs = demo.state / "logs"
-    logs.mkdir(exist_ok=True)
-    write_configs(demo, port)
-    services: list[Service] = []
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:
@@ -223,27 +283,12 @@ def run(state: Path, port: int) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    try:
-        signers = []
-        for n in (1, 2):
-            svc = Service(
-                f"signer-{n}",
-                [*keyward_argv(), "signer", "--config", str(demo.state / f"signer-{n}.yaml")],
-                demo.env,
-                logs / f"signer-{n}.log",
-            )
-            services.append(svc)
-            signers.append(svc)
-        addresses = [svc.wait_ready(60) for svc in signers]
-        write_configs(demo, port, addresses)
-        gw = Service(
-            "gateway",
-            [*keyward_argv(), "gateway", "--config", str(demo.state / "gateway.yaml")],
-            demo.env,
-            logs / "gateway.log",
-        )
-        services.append(gw)
-        gateway_address = gw.wait_ready(60)
+    with LocalCluster(demo, port) as cluster:
+        gateway_address = cluster.start()
+        signers = cluster.signers
+        gw = cluster.gateway
+        assert gw is not None
+        services = cluster.services
         failures = asyncio.run(self_check(demo, gateway_address))
         if failures:
             raise CommandError("self-check failed: " + "; ".join(failures))
@@ -306,7 +351,3 @@ def run(state: Path, port: int) -> int:
             time.sleep(0.2)
         print("keyward demo: stopping")
         return 0
-    finally:
-        for svc in reversed(services):
-            with contextlib.suppress(Exception):
-                svc.stop()
