@@ -66,12 +66,6 @@ def _names(opcode: int) -> tuple[str, str]:
     return names
 
 
-def _trace_id(span: Any) -> str:
-    if span is None:
-        return ""
-    return f"{span.get_span_context().trace_id:032x}"
-
-
 @dataclass(slots=True)
 class Limits:
     max_conn_pending: int = 1024
@@ -265,7 +259,7 @@ class KeylessProtocol(asyncio.Protocol):
                     "code": error_name(code),
                     "status": result.error.code,
                     "detail": result.error.message,
-                    "trace_id": _trace_id(span),
+                    "span": span,  # logged as trace_id and span_id when traced
                 },
             )
             self._send_error(rid, code)

@@ -5,11 +5,16 @@ The span continues the edge's trace when the request carries a Jaeger span conte
 at the configured ratio. Its W3C traceparent rides on the Signer Stream operation, so
 the signer's spans join the same trace. Attributes identify the request (opcode, SKI,
 SNI, IPs, peer certificate, the edge's request id); payloads are never recorded.
+
+A request that is not traced still carries a traceparent, flagged "not sampled", so the
+signer follows the gateway's decision instead of sampling the operation as a root of
+its own (which would make orphan signer traces, and more of them than configured).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import random
 from typing import Any
 
 from opentelemetry import trace
@@ -17,7 +22,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from gateway.dispatch import request_id_of
 from gateway.protocol import Operation, error_name
-from signer.common.telemetry import Telemetry, context_from_jaeger, traceparent
+from signer.common.telemetry import EMPTY_CONTEXT, Telemetry, context_from_jaeger, traceparent
 
 
 def _ip(raw: bytes) -> str:
@@ -30,13 +35,14 @@ def _ip(raw: bytes) -> str:
 def start_request_span(
     tel: Telemetry, op: Operation, name: str, rid: int, peer: str
 ) -> tuple[Any, str]:
-    """A recording span and its traceparent, or (None, "") when not sampled."""
+    """A recording span and its traceparent, or (None, a "not sampled" traceparent)."""
     parent = context_from_jaeger(op.jaeger_span) if op.jaeger_span else None
     if parent is not None:
-        if not trace.get_current_span(parent).get_span_context().trace_flags.sampled:
-            return None, ""
+        ctx = trace.get_current_span(parent).get_span_context()
+        if not ctx.trace_flags.sampled:
+            return None, f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-00"
     elif not tel.sample_root():
-        return None, ""
+        return None, unsampled_traceparent()
     attributes: dict[str, str | int] = {
         "keyless.opcode": name,
         "keyless.request.id": rid,
@@ -52,9 +58,19 @@ def start_request_span(
     if op.req_context:
         attributes["keyless.request_id"] = request_id_of(op.req_context)
     span = tel.tracer.start_span(
-        f"keyless {name}", context=parent, kind=SpanKind.SERVER, attributes=attributes
+        f"keyless {name}",
+        # A root starts from an empty context rather than whatever is current.
+        context=parent if parent is not None else EMPTY_CONTEXT,
+        kind=SpanKind.SERVER,
+        attributes=attributes,
     )
     return span, traceparent(span)
+
+
+def unsampled_traceparent() -> str:
+    """A fresh trace context that says "not sampled" (ids random, never zero)."""
+    bits = random.getrandbits
+    return f"00-{bits(128) | 1:032x}-{bits(64) | 1:016x}-00"
 
 
 def end_request_span(span: Any, error_code: int | None, detail: str = "") -> None:

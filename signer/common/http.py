@@ -46,16 +46,20 @@ class OpsServer:
                 await self._reply(writer, 405, b"method not allowed\n", "text/plain")
                 return
             path = parts[1].split("?", 1)[0]
+            head_only = parts[0] == "HEAD"  # a HEAD answer has the headers, not the body
             if path == "/metrics":
                 body = self.render_metrics()
-                await self._reply(writer, 200, body, PROMETHEUS_TEXT, head_only=parts[0] == "HEAD")
+                await self._reply(writer, 200, body, PROMETHEUS_TEXT, head_only=head_only)
             elif path == "/healthz":
-                await self._reply(writer, 200, b"ok\n", "text/plain")
+                await self._reply(writer, 200, b"ok\n", "text/plain", head_only=head_only)
             elif path == "/readyz":
                 ok, why = self.ready()
-                await self._reply(writer, 200 if ok else 503, why.encode() + b"\n", "text/plain")
+                await self._reply(
+                    writer, 200 if ok else 503, why.encode() + b"\n", "text/plain",
+                    head_only=head_only,
+                )
             else:
-                await self._reply(writer, 404, b"not found\n", "text/plain")
+                await self._reply(writer, 404, b"not found\n", "text/plain", head_only=head_only)
         except (
             TimeoutError,
             asyncio.IncompleteReadError,
@@ -85,8 +89,9 @@ class OpsServer:
             405: "Method Not Allowed",
             503: "Service Unavailable",
         }[status]
+        allow = "Allow: GET, HEAD\r\n" if status == 405 else ""
         header = (
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n"
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\n{allow}"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
         writer.write(header if head_only else header + body)

@@ -3,13 +3,19 @@
 Settings come from the service's ``tracing`` config section, and the standard
 ``OTEL_*`` environment variables win where they are set (``OTEL_TRACES_EXPORTER``,
 ``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``,
-``OTEL_EXPORTER_OTLP_PROTOCOL``, ``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_SERVICE_NAME``,
-``OTEL_RESOURCE_ATTRIBUTES``), so Keyward drops into an existing OpenTelemetry setup.
+``OTEL_EXPORTER_OTLP_PROTOCOL``, ``OTEL_EXPORTER_OTLP_INSECURE``,
+``OTEL_TRACES_SAMPLER_ARG``, ``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, and
+``OTEL_SDK_DISABLED=true`` turns tracing off), so Keyward drops into an existing
+OpenTelemetry setup. The exporters read the rest of their variables themselves
+(headers, certificates, timeouts, compression; ``OTEL_BSP_*`` for batching).
 
 Spans are exported in batches (BatchSpanProcessor) and sampled parent-based: a request
 that arrives with a sampled parent (W3C ``traceparent`` in gRPC metadata or on a Stream
-operation, or the edge's Jaeger context in keyless tag 0x15) is traced; a root request
-is traced with probability ``sample_ratio``.
+operation, or the edge's Jaeger context in keyless tag 0x15) is traced, one whose parent
+says "not sampled" is not; a root request is traced with probability ``sample_ratio``.
+That root decision is taken once, by :meth:`Telemetry.sample_root`, before any span is
+built; the SDK's sampler then records every root it is asked for (a ratio sampler there
+as well would apply the ratio twice: 1% of 1% at the default).
 
 The hot paths check ``Telemetry.enabled`` before touching the OpenTelemetry API at all,
 so with tracing off a request pays one attribute read.
@@ -31,8 +37,6 @@ from opentelemetry.trace import (
     SpanContext,
     TraceFlags,
     Tracer,
-    format_span_id,
-    format_trace_id,
 )
 
 from signer.common.config import in_range, one_of, setting
@@ -88,6 +92,8 @@ def setup_tracing(
 ) -> Telemetry:
     """Build the tracer provider for this process (or return DISABLED)."""
     env = os.environ if env is None else env
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return DISABLED
     exporter_name = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
     enabled = config.enabled or (exporter_name not in ("", "none"))
     if exporter_name in ("", "otlp"):
@@ -109,32 +115,69 @@ def setup_tracing(
             log.warning("OTEL_TRACES_SAMPLER_ARG is not a number; using %s", ratio)
 
     from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 
-    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", service_name)})
-    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(ratio)))
-    exporter: SpanExporter
+    # OTEL_SERVICE_NAME, then a service.name in OTEL_RESOURCE_ATTRIBUTES, then ours (the
+    # SDK reads both variables itself; an attribute given here would override them).
+    attributes = {"service.name": env.get("OTEL_SERVICE_NAME", service_name)}
+    if "OTEL_SERVICE_NAME" not in env and any(
+        part.split("=", 1)[0].strip() == "service.name"
+        for part in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
+    ):
+        attributes = {}
+    resource = Resource.create(attributes)
+    # Roots are sampled by Telemetry.sample_root (see the module docstring).
+    provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
+    processor: SpanProcessor
+    endpoint = _endpoint(config, exporter_name, env)
     if exporter_name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-        exporter = ConsoleSpanExporter()
+        processor = BatchSpanProcessor(ConsoleSpanExporter())
     elif exporter_name == "otlp-http":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
 
-        exporter = Http(endpoint=config.endpoint) if config.endpoint else Http()
+        processor = BatchSpanProcessor(Http(endpoint=endpoint))
     else:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
+        from signer.common.otlp import otlp_grpc_processor
 
-        exporter = (
-            Grpc(endpoint=config.endpoint, insecure=config.insecure)
-            if config.endpoint
-            else Grpc(insecure=config.insecure)
+        insecure_env = "OTEL_EXPORTER_OTLP_TRACES_INSECURE" in env or (
+            "OTEL_EXPORTER_OTLP_INSECURE" in env
         )
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    log.info("tracing on", extra={"exporter": exporter_name, "sample_ratio": ratio})
-    return Telemetry(provider.get_tracer(service_name), ratio, provider)
+        processor = otlp_grpc_processor(
+            endpoint=endpoint, insecure=None if insecure_env else config.insecure
+        )
+    provider.add_span_processor(processor)
+    log.info(
+        "tracing on",
+        extra={"exporter": exporter_name, "sample_ratio": ratio, "endpoint": endpoint or ""},
+    )
+    # Keyward's own spans (signer.common.spans) into the SDK's batch processor; the
+    # provider is there for libraries that want one, and shuts the processor down.
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from signer.common.spans import LeanTracer
+
+    tracer = LeanTracer(resource, InstrumentationScope(service_name), processor)
+    return Telemetry(tracer, ratio, provider)
+
+
+def _endpoint(config: TracingConfig, exporter: str, env: Mapping[str, str]) -> str | None:
+    """The config's endpoint, unless an OTEL_* variable names one (then the exporter
+    reads that itself). For OTLP/HTTP a bare ``http://host:4318`` gets the traces path,
+    as the variable's value would."""
+    if "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" in env or "OTEL_EXPORTER_OTLP_ENDPOINT" in env:
+        return None
+    endpoint = config.endpoint
+    if endpoint and exporter == "otlp-http":
+        if "://" not in endpoint:
+            endpoint = "http://" + endpoint
+        scheme, _, rest = endpoint.partition("://")
+        if "/" not in rest.rstrip("/"):
+            endpoint = f"{scheme}://{rest.rstrip('/')}/v1/traces"
+    return endpoint
 
 
 def use_provider(provider: Any, service_name: str, sample_ratio: float = 1.0) -> Telemetry:
@@ -146,14 +189,27 @@ def use_provider(provider: Any, service_name: str, sample_ratio: float = 1.0) ->
 
 
 def traceparent(span: Any) -> str:
-    """The W3C traceparent header value of ``span``."""
+    """The W3C traceparent header value of ``span``: flags ``01`` (sampled) or ``00``.
+
+    Only the sampled bit is passed on (not level 2's "random" bit the SDK may set), so
+    that ``-01`` means sampled to every reader."""
     ctx = span.get_span_context()
-    flags = int(ctx.trace_flags)
-    return f"00-{format_trace_id(ctx.trace_id)}-{format_span_id(ctx.span_id)}-{flags:02x}"
+    value = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-0{int(ctx.trace_flags) & 1}"
+    _LAST[0] = (value, span)
+    return value
+
+
+# The last traceparent made in this process and its span: the gateway makes one for
+# its request span and the router turns it straight back into a parent context for
+# the attempt span, which then need not be parsed (and gets the local span itself).
+_LAST: list[tuple[str, Any]] = [("", None)]
 
 
 def context_from_traceparent(value: str) -> Context | None:
     """A parent context from a W3C traceparent value, or None if it is not one."""
+    last, span = _LAST[0]
+    if value == last and span is not None:
+        return trace.set_span_in_context(span, EMPTY_CONTEXT)
     parts = value.split("-")
     if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
         return None
@@ -187,16 +243,25 @@ def context_from_jaeger(data: bytes) -> Context | None:
             flags = int(parts[3], 16)
         except ValueError:
             return None
-        return _remote(trace_id, span_id, flags & 1)
+        return _remote(trace_id, span_id, _jaeger_sampled(flags))
     if len(data) < 33:
         return None
     trace_id = int.from_bytes(data[0:16], "big")
     span_id = int.from_bytes(data[16:24], "big")
-    return _remote(trace_id, span_id, data[32] & 1)
+    return _remote(trace_id, span_id, _jaeger_sampled(data[32]))
+
+
+def _jaeger_sampled(flags: int) -> int:
+    """Jaeger's flags: 1 sampled, 2 debug (which Jaeger always samples)."""
+    return 1 if flags & 0b11 else 0
 
 
 def _remote(trace_id: int, span_id: int, flags: int) -> Context | None:
     if not trace_id or not span_id or trace_id >> 128 or span_id >> 64:
         return None
     span_ctx = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags & 1))
-    return trace.set_span_in_context(NonRecordingSpan(span_ctx))
+    # A fresh context holding only the remote parent (not a copy of the current one).
+    return trace.set_span_in_context(NonRecordingSpan(span_ctx), EMPTY_CONTEXT)
+
+
+EMPTY_CONTEXT = Context()  # a context with nothing in it: no span, no baggage
