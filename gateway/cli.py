@@ -80,6 +80,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     t.set_defaults(handler=run_test_keyserver)
 
     from gateway.bench import register_bench
+    from gateway.benchsuite import register_bench_suite
     from gateway.devinit import register_dev_init
     from gateway.init import register_init
     from gateway.migrate import register_migrate
@@ -87,6 +88,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from gateway.tracecost import register_tracecost
 
     register_bench(sub)
+    register_bench_suite(sub)
     register_tracecost(sub)
     # Deployment commands (deploy/, docs/migrating-from-gokeyless.md).
     for add in (register_dev_init, register_health, register_init, register_migrate):
