@@ -70,6 +70,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     for parser in (g, i, ls):
         add_logging_flags(parser)
 
+    from signer.bench import register as register_signer_bench
+
+    register_signer_bench(sub)
+
 
 def _token_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", type=Path, help="YAML config file")
