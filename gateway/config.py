@@ -78,6 +78,8 @@ class GatewayConfig:
     )
     attempt_timeout: Duration = setting(
         Duration(2.0),
+        # gokeyless's sign_timeout is the same thing: the budget of one attempt.
+        aliases={"sign_timeout": None},
         help="time budget of one attempt on one signer; when it passes, the request is tried on "
         "another signer (within request_timeout). Bounds what a hung or partitioned signer "
         "costs a request",
@@ -134,7 +136,7 @@ class GatewayConfig:
         help="asyncio, or uvloop if installed (measured ~10% slower here once TLS is on)",
         check=one_of("asyncio", "uvloop"),
     )
-    log_level: str = setting("info", check=level_check)
+    log_level: str = setting("info", check=level_check, aliases={"loglevel": None})
     log_format: str = setting("text", check=one_of("text", "json"))
 
     def __post_init__(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from signer.common.config import Duration, at_least, host_port, one_of, setting
 from signer.common.logs import level_check
@@ -13,9 +14,21 @@ from signer.common.tls import TLSFiles
 DEFAULT_LISTEN = "127.0.0.1:2410"
 
 
+def _pkcs11_store(stores: Any) -> str:
+    """gokeyless's ``private_key_stores``: a signer serves one ``- uri: pkcs11:...``."""
+    uris = [s.get("uri") for s in stores if isinstance(s, dict)] if isinstance(stores, list) else []
+    if len(uris) != 1 or not isinstance(uris[0], str) or not uris[0].startswith("pkcs11:"):
+        raise ValueError(
+            "exactly one entry `- uri: pkcs11:...` (a signer serves one token; "
+            "`keyward migrate` splits other gokeyless key stores)"
+        )
+    return uris[0]
+
+
 @dataclasses.dataclass(slots=True)
 class SignerConfig:
     pkcs11_uri: str = setting(
+        aliases={"private_key_stores": _pkcs11_store},
         check=lambda v: None if v.startswith("pkcs11:") else "a pkcs11: URI",
         help="RFC 7512 URI of the token and keys: pkcs11:token=...;id=...?module-path=..."
         "&pin-source=file:/run/secrets/pin (pin-value works too but puts the PIN in the file)",
@@ -72,5 +85,5 @@ class SignerConfig:
         help="TEST ONLY: a JSON file of HSM faults to inject (see signer/faults.py); "
         "never set in production",
     )
-    log_level: str = setting("info", check=level_check)
+    log_level: str = setting("info", check=level_check, aliases={"loglevel": None})
     log_format: str = setting("text", check=one_of("text", "json"))

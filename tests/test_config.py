@@ -671,3 +671,36 @@ def test_keyward_gateway_reports_a_bad_variable_by_name(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     assert "gateway.request_timeout: expected a duration such as 30s or 250ms, got 'soon' " \
         "(from KEYWARD_REQUEST_TIMEOUT)" in proc.stderr
+
+
+def test_gokeyless_names_are_accepted_in_files(tmp_path: Path) -> None:
+    from gateway.config import GatewayConfig
+
+    path = tmp_path / "gokeyless-style.yaml"
+    path.write_text(
+        "loglevel: 0\n"
+        f"private_key_stores:\n  - uri: '{URI}'\n"
+    )
+    cfg = load_config(SignerConfig, path=path, env={}, section="signer")
+    assert cfg.pkcs11_uri == URI and cfg.log_level == "0"
+    gw = tmp_path / "gw.yaml"
+    gw.write_text(
+        "loglevel: 2\nsign_timeout: 1500ms\nport: 2407\nmetrics_port: 2406\n"
+        "auth_cert: s.pem\nauth_key: k.pem\ncloudflare_ca_cert: ca.pem\n"
+        "signers: ['127.0.0.1:2410']\n"
+    )
+    g = load_config(GatewayConfig, path=gw, env={}, section="gateway")
+    assert g.log_level == "2" and abs(g.attempt_timeout - 1.5) < 1e-9
+
+
+def test_gokeyless_names_that_do_not_fit_are_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "dir-store.yaml"
+    path.write_text("private_key_stores:\n  - dir: /etc/keyless/keys\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(SignerConfig, path=path, env={}, section="signer")
+    assert str(caught.value).startswith("signer.private_key_stores: expected exactly one entry")
+    both = tmp_path / "both.yaml"
+    both.write_text(f"loglevel: 1\nlog_level: info\npkcs11_uri: '{URI}'\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(SignerConfig, path=both, env={}, section="signer")
+    assert "signer.loglevel" in str(caught.value) and "keep one" in str(caught.value)

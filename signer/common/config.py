@@ -56,13 +56,18 @@ def setting(
     check: Callable[[Any], str | None] | None = None,
     secret: bool = False,
     default_factory: Any = dataclasses.MISSING,
+    aliases: Mapping[str, Callable[[Any], Any] | None] | None = None,
 ) -> Any:
     """A dataclass field with documentation and an optional check.
 
     ``check`` returns None when the value is fine, or a phrase saying what was
     expected. ``secret`` keeps the value out of error messages and dumps.
+    ``aliases`` maps other names this setting is accepted under in files (gokeyless's
+    names, for operators moving over) to a function that turns the alias's value into
+    this setting's (None: taken as it is); the function raises ValueError with what it
+    expected.
     """
-    meta = {"help": help, "check": check, "secret": secret}
+    meta = {"help": help, "check": check, "secret": secret, "aliases": dict(aliases or {})}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -225,6 +230,7 @@ def _build(schema: type[T], raw: Mapping[str, Any], prefix: str, sources: dict[s
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = _hints(schema)
     fields = {f.name: f for f in dataclasses.fields(schema)}  # type: ignore[arg-type]
+    raw = _apply_aliases(raw, fields, prefix, sources)
     unknown = [k for k in raw if k not in fields]
     if unknown:
         name = unknown[0]
@@ -259,6 +265,32 @@ def _build(schema: type[T], raw: Mapping[str, Any], prefix: str, sources: dict[s
         text = str(e)
         named = bool(prefix) and text.startswith(prefix + ".")
         raise ConfigError(text if named else f"{prefix or 'config'}: {text}") from None
+
+
+def _apply_aliases(
+    raw: Mapping[str, Any], fields: Mapping[str, Any], prefix: str, sources: dict[str, str]
+) -> Mapping[str, Any]:
+    out: dict[str, Any] | None = None
+    for name, f in fields.items():
+        for alias, convert in f.metadata.get("aliases", {}).items():
+            if alias not in raw:
+                continue
+            out = dict(raw) if out is None else out
+            value = out.pop(alias)
+            if name in out:
+                raise ConfigError(
+                    f"{_join(prefix, alias)}: gokeyless's name for {_join(prefix, name)}, "
+                    "which is set too: keep one"
+                )
+            if convert is not None:
+                try:
+                    value = convert(value)
+                except ValueError as e:
+                    raise ConfigError(f"{_join(prefix, alias)}: expected {e}") from None
+            out[name] = value
+            if alias in sources:
+                sources[name] = sources[alias]
+    return raw if out is None else out
 
 
 def _join(prefix: str, name: str) -> str:
