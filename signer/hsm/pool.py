@@ -254,8 +254,19 @@ class _Worker:
         if injector is not None:
             injector("find_objects")
         by_handle: dict[int, Any] = {}
-        for obj in list(self.session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY})):
-            by_handle[obj.handle] = obj
+        for attempt in range(3):
+            try:
+                listed = list(self.session.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
+            except pkcs11.exceptions.ObjectHandleInvalid:
+                # Another session destroyed a key between C_FindObjects and the
+                # attribute reads python-pkcs11 makes for each object (an admin
+                # `keys delete` during a refresh): the object is gone, the HSM is
+                # fine. List again; only a persistent failure is a fault.
+                if attempt == 2:
+                    raise
+                continue
+            by_handle = {obj.handle: obj for obj in listed}
+            break
         objects: dict[bytes, Any] = {}
         missing: list[KeyInfo] = []
         for key in keyset.keys:
@@ -297,7 +308,10 @@ class _Worker:
         }
         if key.label:
             template[Attribute.LABEL] = key.label
-        matches = list(self.session.get_objects(template))
+        try:
+            matches = list(self.session.get_objects(template))
+        except pkcs11.exceptions.ObjectHandleInvalid:
+            return None  # destroyed by another session while we looked: gone
         return matches[0] if len(matches) == 1 else None
 
     # -- main loop --------------------------------------------------------------------
