@@ -155,27 +155,7 @@ async def run_load(
     server_name: str | None = None,
     verify_every: int = 100,
 ) -> Result:
-    opcode, hash_name = OPERATIONS[operation]
-    ski = ski_of(public_key) if public_key is not None else b""
-    if opcode == Op.PING:
-        payload = MESSAGE
-    elif hash_name:
-        payload = hashlib.new(hash_name, MESSAGE).digest()
-    else:
-        payload = MESSAGE
-    if opcode != Op.PING and public_key is None:
-        raise CommandError(f"--public-key is required for {operation}")
-    body = encode_packet(0, Operation(opcode=opcode, ski=ski, payload=payload))
-
-    def check(output: bytes) -> bool:
-        if opcode == Op.PING:
-            return output == payload
-        assert public_key is not None
-        try:
-            verify(public_key, operation, MESSAGE, output, b"")
-        except Exception:
-            return False
-        return True
+    body, check = request_body(operation, public_key)
 
     clients = [
         await KeylessClient.connect(host, port, ctx, server_hostname=server_name or host)
