@@ -35,6 +35,10 @@ class SignerMetrics:
             "Time from an operation's arrival to its answer (queue and HSM), seconds.",
             ["algorithm"],
         )
+        self.session_wait = r.histogram(
+            "keyward_hsm_session_wait_seconds",
+            "Time operations waited for a free HSM session, seconds.",
+        )
         self.hsm_errors = r.counter(
             "keyward_hsm_errors", "HSM calls that failed, by PKCS#11 return code.", ["ckr"]
         )
@@ -43,17 +47,34 @@ class SignerMetrics:
         self,
         serving: Callable[[], bool],
         sessions: Callable[[], int],
+        busy: Callable[[], int],
         queued: Callable[[], int],
         in_flight: Callable[[], int],
         keys: Callable[[], int],
     ) -> None:
         r = self.registry
-        r.gauge("keyward_signer_serving", "1 while the signer reports SERVING.",
-                read=lambda: {(): float(serving())})
-        r.gauge("keyward_hsm_sessions", "PKCS#11 sessions, one per worker thread.",
-                read=lambda: {(): float(sessions())})
-        r.gauge("keyward_hsm_queued_operations", "Operations waiting for a free session.",
-                read=lambda: {(): float(queued())})
-        r.gauge("keyward_signer_in_flight", "Operations accepted and not yet answered.",
-                read=lambda: {(): float(in_flight())})
+        r.gauge(
+            "keyward_signer_serving",
+            "1 while the signer reports SERVING.",
+            read=lambda: {(): float(serving())},
+        )
+        r.gauge(
+            "keyward_hsm_sessions",
+            "PKCS#11 sessions, one per worker thread, by state.",
+            ["state"],
+            read=lambda: {
+                ("in_use",): float(busy()),
+                ("idle",): float(max(0, sessions() - busy())),
+            },
+        )
+        r.gauge(
+            "keyward_hsm_queued_operations",
+            "Operations waiting for a free session.",
+            read=lambda: {(): float(queued())},
+        )
+        r.gauge(
+            "keyward_signer_in_flight",
+            "Operations accepted and not yet answered.",
+            read=lambda: {(): float(in_flight())},
+        )
         r.gauge("keyward_signer_keys", "Keys this signer serves.", read=lambda: {(): float(keys())})

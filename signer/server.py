@@ -196,6 +196,7 @@ async def _start(config: SignerConfig, token: object, telemetry: Telemetry) -> R
     metrics.gauges(
         serving=lambda: running.serving and not service.draining,
         sessions=lambda: token.session_count,
+        busy=lambda: token.busy_sessions,
         queued=lambda: token.queued_jobs,
         in_flight=lambda: service.in_flight,
         keys=lambda: len(token.keys()),

@@ -184,14 +184,17 @@ class SignerService(pb_grpc.SignerServicer):
             spans = self._start_spans([parent if isinstance(parent, str) else ""])
         chunk = Chunk([0], [job], time.monotonic(), spans)
         self.in_flight += 1
+        started: float | None = None
         try:
-            done: list[Result] = await asyncio.wrap_future(self._token.submit([job]))
+            submitted = self._token.submit([job])
+            done: list[Result] = await asyncio.wrap_future(submitted)
+            started = getattr(submitted, "hsm_started", None)
         except HsmError as e:
             done = [e]
         finally:
             self.in_flight -= 1
         results: Sequence[Result] = done
-        self._record(chunk, results)
+        self._record(chunk, results, None if started is None else started - chunk.arrived)
         result = results[0]
         if isinstance(result, HsmError):
             await context.abort(result.code, result.message)
@@ -356,12 +359,18 @@ class SignerService(pb_grpc.SignerServicer):
             outputs = [
                 HsmError(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}")
             ] * len(chunk.ids)
-        self._record(chunk, outputs)
+        started = getattr(fut, "hsm_started", None)
+        self._record(chunk, outputs, None if started is None else started - chunk.arrived)
         return outputs
 
-    def _record(self, chunk: Chunk, outputs: Sequence[Result]) -> None:
+    def _record(
+        self, chunk: Chunk, outputs: Sequence[Result], session_wait: float | None = None
+    ) -> None:
         m = self.metrics
         elapsed = time.monotonic() - chunk.arrived
+        if session_wait is not None:
+            m.session_wait.observe((), max(0.0, session_wait))
+            chunk.session_wait = session_wait
         for i, (job, out) in enumerate(zip(chunk.jobs, outputs, strict=True)):
             key = job.key
             label = key.label if isinstance(key, KeyInfo) else key.hex()
@@ -375,7 +384,7 @@ class SignerService(pb_grpc.SignerServicer):
             m.operations.inc((label, algorithm, outcome))
             m.duration.observe((algorithm,), elapsed)
             if chunk.spans is not None and chunk.spans[i] is not None:
-                self._end_spans(chunk.spans[i], job, out)
+                self._end_spans(chunk.spans[i], job, out, chunk.session_wait)
 
     def _count_rejected(self, error: HsmError) -> None:
         self.metrics.operations.inc(("-", "-", error.code.name))
@@ -403,12 +412,16 @@ class SignerService(pb_grpc.SignerServicer):
             spans.append((server, hsm))
         return spans if any_span else None
 
-    def _end_spans(self, pair: tuple[Any, Any], job: Job, out: Result) -> None:
+    def _end_spans(
+        self, pair: tuple[Any, Any], job: Job, out: Result, session_wait: float | None
+    ) -> None:
         server, hsm = pair
         name = algorithm_label(job.algorithm, job.decrypt_mode)
         key = job.key
         hsm.set_attribute("hsm.mechanism", mechanism_for(job))
         hsm.set_attribute("hsm.token", self._token.description)
+        if session_wait is not None:
+            hsm.set_attribute("hsm.session_wait_ms", round(max(0.0, session_wait) * 1e3, 3))
         server.set_attribute("signer.algorithm", name)
         if isinstance(key, KeyInfo):
             server.set_attribute("signer.key.label", key.label)
@@ -430,6 +443,7 @@ class Chunk:
     jobs: list[Job]
     arrived: float
     spans: list[Any] | None
+    session_wait: float | None = None
 
 
 DRAINING = HsmError(grpc.StatusCode.UNAVAILABLE, "signer is shutting down")

@@ -429,3 +429,25 @@ def test_client_retries_unavailable_across_a_signer_restart(cluster: Cluster) ->
             if svc in cluster.services:
                 cluster.services.remove(svc)  # type: ignore[arg-type]
             svc.stop()  # type: ignore[attr-defined]
+
+
+def test_metrics_show_operations_sessions_and_session_wait(cluster: Cluster) -> None:
+    import urllib.request
+
+    async def go() -> None:
+        async with client(cluster) as c:
+            await asyncio.gather(*(c.sign("k-p256", pb.ECDSA_SHA256, digest("SHA256"))
+                                   for _ in range(20)))
+
+    asyncio.run(go())
+    address = cluster.services[0].fields["metrics"]
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                 if line and not line.startswith("#"))
+    ok = 'keyward_signer_operations{key="k-p256",algorithm="ECDSA_SHA256",outcome="ok"}'
+    assert float(lines[ok]) >= 20
+    # The pool's state: two sessions in all, none stuck in a call now.
+    assert float(lines['keyward_hsm_sessions{state="in_use"}']) + float(
+        lines['keyward_hsm_sessions{state="idle"}']) == 2
+    assert float(lines["keyward_hsm_session_wait_seconds_count"]) >= 20

@@ -342,6 +342,9 @@ class _Worker:
             token._taken(len(item.work))
             if not item.future.set_running_or_notify_cancel():
                 continue
+            # When a session took the batch: callers compute the wait for a session
+            # (metrics, the HSM span) from it without another thread hand-off.
+            item.future.hsm_started = time.monotonic()  # type: ignore[attr-defined]
             try:
                 self._run_batch(item)
             except _Abandoned:
@@ -1133,6 +1136,11 @@ class Token:
     def _taken(self, count: int) -> None:
         with self._lock:
             self._pending -= count
+
+    @property
+    def busy_sessions(self) -> int:
+        """Sessions in an HSM call right now (the rest are idle)."""
+        return sum(1 for w in self._workers if w.busy_since is not None and not w.abandoned)
 
     @property
     def queued_jobs(self) -> int:
