@@ -23,6 +23,7 @@ from pathlib import Path
 
 from gateway.bench import Result, load_public_key, run_load
 from gateway.demo import LocalCluster, prepare
+from signer.common.benchdoc import write_section
 from signer.common.cli import add_logging_flags
 from signer.common.tls import keyless_client_context
 
@@ -117,7 +118,7 @@ def run_bench_suite(args: argparse.Namespace) -> int:
     section = render(results, direct, args.duration)
     print(section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, section, START, END)
     return 0 if all(r.errors == 0 for _, r, _ in results) else 1
 
 
@@ -164,17 +165,6 @@ def render(
         END,
     ]
     return "\n".join(lines)
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        after = rest.split(END, 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def _cpu_model() -> str:

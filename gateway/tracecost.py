@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from signer.common.benchdoc import write_section
+
 START = "<!-- tracing-bench:start -->"
 END = "<!-- tracing-bench:end -->"
 TARGETS = {"default": 10.0, "full": 25.0}  # max % throughput lost
@@ -791,9 +793,7 @@ _MICRO_NAMES = {
 
 def _paired(micro: dict[str, list[float]], base: str, variant: str) -> float:
     """Median over repetitions of the loss against the same repetition's base run."""
-    return statistics.median(
-        loss(b, v) for b, v in zip(micro[base], micro[variant], strict=False)
-    )
+    return statistics.median(loss(b, v) for b, v in zip(micro[base], micro[variant], strict=False))
 
 
 def _micro_groups(micro: dict[str, list[float]]) -> list[tuple[str, list[str]]]:
@@ -810,18 +810,6 @@ def _mode_name(mode: str) -> str:
     if ratio is None:
         return "off"
     return f"on, ratio {ratio:g}" + (" (default)" if ratio == DEFAULT_RATIO else "")
-
-
-def write_section(path: Path, section: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 # -- the command -----------------------------------------------------------------------
@@ -898,7 +886,7 @@ def run_tracecost(args: argparse.Namespace) -> int:
     else:
         print(report.text())
     if args.write is not None:
-        write_section(args.write, report.markdown())
+        write_section(args.write, report.markdown(), START, END)
         log(f"wrote {args.write}")
     return 0 if all(r.errors == 0 for r in runs) else 1
 

@@ -65,6 +65,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
+from signer.common.benchdoc import write_section
 from signer.common.cli import CommandError, add_logging_flags
 from signer.common.pki import Issued, LocalCA
 from signer.common.process import Service, keyward_argv
@@ -74,11 +75,6 @@ log = logging.getLogger("keyward.signer.bench")
 
 START_MARKER: Final = "<!-- signer-bench:start -->"
 END_MARKER: Final = "<!-- signer-bench:end -->"
-DOC_HEADER: Final = (
-    "# Benchmarks\n\n"
-    "Figures measured on real processes with Keyward's benchmark commands. Each section\n"
-    "is written by the command it names and replaced when that command runs again.\n"
-)
 
 SOFTHSM_CANDIDATES: Final = (
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -1519,22 +1515,6 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the signer-bench section of ``path`` (or add it), keeping the rest."""
-    text = path.read_text() if path.exists() else DOC_HEADER
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start != -1 and end > start:
-        text = text[:start] + section.rstrip("\n") + text[end + len(END_MARKER) :]
-        if not text.endswith("\n"):
-            text += "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 # -- the command ----------------------------------------------------------------------
 
 
@@ -1716,7 +1696,7 @@ def run_signer_bench(args: argparse.Namespace) -> int:
     report = run_benchmark(plan, command=command_line(args), progress=progress)
     log.info("signer-bench took %.0f s", time.monotonic() - started)
     if args.write is not None:
-        write_section(args.write, render_markdown(report))
+        write_section(args.write, render_markdown(report), START_MARKER, END_MARKER)
         log.info("wrote the signer-bench section of %s", args.write)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))

@@ -43,17 +43,13 @@ from harness import Cluster, make_pki, split
 from softhsm import create_token, unavailable_reason
 
 from gateway.bench import SteadyLoad, percentile, run_steady
+from signer.common.benchdoc import write_section
 from signer.common.tls import keyless_client_context
 from signer.hsm import admin
 from signer.hsm.pool import Token
 
 START_MARKER = "<!-- failover-bench:start -->"
 END_MARKER = "<!-- failover-bench:end -->"
-DOC_HEADER = (
-    "# Benchmarks\n\n"
-    "Figures measured on real processes with Keyward's benchmark commands. Each section\n"
-    "is written by the command it names and replaced when that command runs again.\n"
-)
 
 
 def _cpu_model() -> str:
@@ -185,21 +181,6 @@ def markdown(report: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the failover-bench section of ``path`` (or add it), keeping the rest."""
-    text = path.read_text() if path.exists() else DOC_HEADER
-    start, end = text.find(START_MARKER), text.find(END_MARKER)
-    if start != -1 and end > start:
-        text = text[:start] + section.rstrip("\n") + text[end + len(END_MARKER) :]
-        if not text.endswith("\n"):
-            text += "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rate", type=float, default=2000.0, help="requests a second")
@@ -217,7 +198,7 @@ def main() -> int:
         command = (f".venv/bin/python tests/failover_bench.py --rate {args.rate:g} "
                    f"--duration {args.duration:g} --connections {args.connections} "
                    f"--write {args.write}")
-        write_section(args.write, markdown(report, command))
+        write_section(args.write, markdown(report, command), START_MARKER, END_MARKER)
     return 0 if report["kill"]["failed"] == 0 else 1
 
 

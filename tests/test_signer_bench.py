@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from softhsm import unavailable_reason
 
-from signer.bench import END_MARKER, START_MARKER, write_section
+from signer.bench import END_MARKER, START_MARKER
+from signer.common.benchdoc import write_section
 
 EXPECTED_MODES = {
     "direct, 1 thread",
@@ -31,10 +32,10 @@ EXPECTED_MODES = {
 
 def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
     doc = tmp_path / "docs" / "benchmarks.md"
-    write_section(doc, f"{START_MARKER}\nfirst\n{END_MARKER}\n")
+    write_section(doc, f"{START_MARKER}\nfirst\n{END_MARKER}\n", START_MARKER, END_MARKER)
     assert doc.read_text().startswith("# Benchmarks")
     doc.write_text(doc.read_text() + "\n## Gateway\n\nkept\n")
-    write_section(doc, f"{START_MARKER}\nsecond\n{END_MARKER}\n")
+    write_section(doc, f"{START_MARKER}\nsecond\n{END_MARKER}\n", START_MARKER, END_MARKER)
     text = doc.read_text()
     assert text.count(START_MARKER) == 1 and text.count(END_MARKER) == 1
     assert "second" in text and "first" not in text
