@@ -203,27 +203,28 @@ class SignerService(pb_grpc.SignerServicer):
 
     # -- unary RPCs ----------------------------------------------------------------
 
-    async def Sign(
-        self, request: pb.SignRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.SignResponse:
+    async def _unary(
+        self,
+        request: pb.SignRequest | pb.DecryptRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> bytes:
         await self._authorize(context)
         await self._check_serving(context)
         try:
             job = self._job(request, time.monotonic())
         except HsmError as e:
             await context.abort(e.code, e.message)
-        return pb.SignResponse(signature=await self._run_one(job, context))
+        return await self._run_one(job, context)
+
+    async def Sign(
+        self, request: pb.SignRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SignResponse:
+        return pb.SignResponse(signature=await self._unary(request, context))
 
     async def Decrypt(
         self, request: pb.DecryptRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DecryptResponse:
-        await self._authorize(context)
-        await self._check_serving(context)
-        try:
-            job = self._job(request, time.monotonic())
-        except HsmError as e:
-            await context.abort(e.code, e.message)
-        return pb.DecryptResponse(plaintext=await self._run_one(job, context))
+        return pb.DecryptResponse(plaintext=await self._unary(request, context))
 
     async def ListKeys(
         self, request: pb.ListKeysRequest, context: grpc.aio.ServicerContext[Any, Any]
