@@ -49,6 +49,28 @@ class _ClientProtocol(asyncio.Protocol):
         self.owner = owner
         self.conn = KeylessConnection(role="client")
         self.transport: asyncio.Transport | None = None
+        # Packets submitted in one event-loop iteration leave in one write: one TLS
+        # record and one send for a burst (a pipelining client answering a read full
+        # of responses with as many new requests), which halves the work per request
+        # at both ends compared with a write per packet.
+        self.outbox: list[bytes] = []
+        self.flush_scheduled = False
+
+    def write(self, packet: bytes) -> None:
+        self.outbox.append(packet)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.flush_scheduled = False
+        out = self.outbox
+        if not out:
+            return
+        data = b"".join(out) if len(out) > 1 else out[0]
+        out.clear()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -143,10 +165,12 @@ class KeylessClient:
         return rid
 
     def send_raw(self, data: bytes) -> None:
-        """Write bytes as they are (tests use this for malformed packets)."""
-        if self._proto is None or self._proto.transport is None:
+        """Write bytes as they are, now (tests use this for malformed packets)."""
+        proto = self._proto
+        if proto is None or proto.transport is None:
             raise KeylessClosed("not connected")
-        self._proto.transport.write(data)
+        proto.flush()  # whatever was submitted before goes first
+        proto.transport.write(data)
 
     def submit(self, request_id: int, packet: bytes, callback: ResponseCallback) -> None:
         """Send an encoded packet; ``callback`` gets its Response, or None if the
@@ -156,8 +180,11 @@ class KeylessClient:
             return
         if request_id in self._pending:
             raise ValueError(f"request id {request_id} is already in flight")
+        proto = self._proto
+        if proto is None or proto.transport is None:
+            raise KeylessClosed("not connected")
         self._pending[request_id] = callback
-        self.send_raw(packet)
+        proto.write(packet)
 
     async def request(self, op: Operation, *, timeout: float = 10.0) -> Response:
         """Send one operation and wait for its answer (OpError included)."""
@@ -210,6 +237,7 @@ class KeylessClient:
 
     async def close(self) -> None:
         if self._proto is not None and self._proto.transport is not None:
+            self._proto.flush()
             self._proto.transport.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.closed.wait(), 5.0)
