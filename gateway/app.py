@@ -30,6 +30,7 @@ from gateway.server import KeylessServer, Limits
 from signer.common.config import ConfigError
 from signer.common.http import OpsServer
 from signer.common.logs import setup_logging
+from signer.common.runtime import settle_heap
 from signer.common.telemetry import setup_tracing
 from signer.common.tls import TLSConfigError, keyless_server_context
 
@@ -192,6 +193,7 @@ async def serve(
             metrics_port = await ops.start(config.metrics_address, config.metrics_port)
         if not await router.wait_ready(timeout=10.0):
             log.warning("no signer is usable yet; requests get ErrInternal until one is")
+        settle_heap()
         if announce:
             host = config.bind_address
             shown = f"[{host}]" if ":" in host else host
@@ -238,6 +240,20 @@ def _failover_metrics(metrics: GatewayMetrics, router: Router) -> None:
         "its share of traffic.",
         ["signer"],
         read=lambda: {(x.address,): x.latency(time.monotonic()) for x in router.replicas},
+    )
+    # Batching on the Stream: operations / messages is the mean batch size, which is
+    # what makes Python gRPC's per-message cost affordable under load.
+    r.counter(
+        "keyward_signer_stream_messages",
+        "StreamRequest messages sent to the signer.",
+        ["signer"],
+        read=lambda: {(x.address,): float(x.messages_sent) for x in router.replicas},
+    )
+    r.counter(
+        "keyward_signer_stream_operations",
+        "Operations sent to the signer over its Stream.",
+        ["signer"],
+        read=lambda: {(x.address,): float(x.operations_sent) for x in router.replicas},
     )
     answers = metrics.signer_answers
     retries = metrics.retries

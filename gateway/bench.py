@@ -34,6 +34,7 @@ from gateway.client import KeylessClient
 from gateway.protocol import ErrorCode, Op, Operation, Response, encode_packet
 from gateway.selfcheck import PublicKey, ski_of, verify
 from signer.common.cli import CommandError, add_logging_flags
+from signer.common.runtime import settle_heap
 from signer.common.tls import keyless_client_context
 
 OPERATIONS: dict[str, tuple[int, str]] = {
@@ -468,6 +469,7 @@ def run_bench(args: argparse.Namespace) -> int:
     host, port = split_address(args.keyserver)
     ctx = keyless_client_context(args.ca, args.cert, args.key)
     pub = load_public_key(args.public_key) if args.public_key else None
+    settle_heap()  # the load generator tunes its collector as the services do
     if args.rate is not None:
         if args.rate <= 0:
             raise CommandError("--rate must be positive")

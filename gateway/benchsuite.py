@@ -25,6 +25,7 @@ from gateway.bench import Result, load_public_key, run_load
 from gateway.demo import LocalCluster, prepare
 from signer.common.benchdoc import write_section
 from signer.common.cli import add_logging_flags
+from signer.common.runtime import settle_heap
 from signer.common.tls import keyless_client_context
 
 START, END = "<!-- keyless-bench:start -->", "<!-- keyless-bench:end -->"
@@ -98,6 +99,7 @@ def run_bench_suite(args: argparse.Namespace) -> int:
         with LocalCluster(demo, 0) as cluster:
             host, _, port = cluster.start().rpartition(":")
             ctx = keyless_client_context(s / "ca.pem", s / "client.pem", s / "client-key.pem")
+            settle_heap()  # the load generator tunes its collector as the services do
             for name, operation, key, conns, depth, target in CASES:
                 pub = load_public_key(s / "keys" / f"{key}.pubkey") if key else None
                 r = asyncio.run(

@@ -188,6 +188,7 @@ class Replica:
         self.eject_after = settings.eject_after
         self.eject_time = settings.eject_time
         # Counters, for metrics and the operator.
+        self._sent_before = (0, 0)  # (messages, operations) of streams already closed
         self.answered = 0
         self.failed = 0
         self.hedges = 0
@@ -202,6 +203,16 @@ class Replica:
     def outstanding(self) -> int:
         s = self.stream
         return s.in_flight if s is not None else 0
+
+    @property
+    def messages_sent(self) -> int:
+        s = self.stream
+        return self._sent_before[0] + (s.messages_sent if s is not None else 0)
+
+    @property
+    def operations_sent(self) -> int:
+        s = self.stream
+        return self._sent_before[1] + (s.operations_sent if s is not None else 0)
 
     def ejected(self, now: float) -> bool:
         return self.ejected_until > now
@@ -285,12 +296,12 @@ class Replica:
         if self.client is not None:
             await self.client.close()
 
-    def submit(self, op: pb.Operation, done: Done) -> None:
+    def submit(self, body: bytes, done: Done, timeout_us: int, traceparent: str) -> None:
         stream = self.stream
         if stream is None or stream.closed:
             done(pb.OperationResult(error=pb.Status(code=_UNAVAILABLE, message="no stream")))
             return
-        stream.submit(op, done)
+        stream.submit(body, done, timeout_us=timeout_us, traceparent=traceparent)
         if stream.closed:  # submit found it closed; make the supervisor reconnect
             self._stream_broken.set()
 
@@ -335,6 +346,8 @@ class Replica:
                 self.serving = False
                 if self.stream is not None:
                     await self.stream.close()
+                    self._sent_before = (self.messages_sent, self.operations_sent)
+                    self.stream = None
                 if was_serving:
                     log.warning("signer %s unavailable; reconnecting", self.address)
                 self._on_change()
@@ -421,23 +434,26 @@ class Call:
 
     __slots__ = (
         "attempt",
+        "body",
         "deadline",
         "done",
         "finished",
         "hedged",
         "live",
-        "op",
         "parent",
         "probes",
         "route",
-        "shared",
         "spans",
+        "traceparent",
         "tried",
     )
 
-    def __init__(self, route: Route, op: pb.Operation, deadline: float, done: Done) -> None:
+    def __init__(
+        self, route: Route, body: bytes, traceparent: str, deadline: float, done: Done
+    ) -> None:
         self.route = route
-        self.op = op
+        self.body = body  # the encoded operation (signer.encoding), the same every attempt
+        self.traceparent = traceparent  # the request's, sent when attempts are not traced
         self.deadline = deadline
         self.done = done
         self.attempt = 0
@@ -446,10 +462,6 @@ class Call:
         self.live = 0  # bit n set while attempt n is waiting for its answer
         self.probes = 0  # bit n set if attempt n was a replica's probation probe
         self.hedged = 0  # the number of the hedge attempt, if one was sent
-        # True once ``op`` may still sit in some stream (an attempt abandoned at its
-        # deadline, or a hedge): a further attempt then sends a copy, since a stream
-        # stamps its own id on the object it holds.
-        self.shared = False
         # Tracing only: the request span's traceparent, and the open attempt spans.
         self.parent: str | None = None
         self.spans: dict[int, Any] | None = None
@@ -630,16 +642,18 @@ class Router:
 
     # -- the request path ---------------------------------------------------------------
 
-    def execute(self, route: Route, op: pb.Operation, done: Done) -> None:
-        """Run ``op`` on a replica of ``route``; ``done`` gets exactly one result."""
+    def execute(self, route: Route, body: bytes, done: Done, traceparent: str = "") -> None:
+        """Run the operation ``body`` (encoded with :mod:`signer.encoding`) on a replica
+        of ``route``; ``done`` gets exactly one result. ``traceparent`` is the request
+        span's: a sampled one makes each attempt a span of its own under it."""
         now = time.monotonic()
         s = self.settings
         if s.hedging:
             self._hedge_tokens = min(_HEDGE_BURST, self._hedge_tokens + s.hedge_budget)
-        call = Call(route, op, now + s.request_timeout, done)
+        call = Call(route, body, traceparent, now + s.request_timeout, done)
         tel = self.telemetry
-        if tel is not None and tel.enabled and op.traceparent.endswith("-01"):
-            call.parent = op.traceparent
+        if traceparent.endswith("-01") and tel is not None and tel.enabled:
+            call.parent = traceparent
             call.spans = {}
         self._attempt(call, now, hedge=False)
 
@@ -696,16 +710,10 @@ class Router:
         call.attempt += 1
         n = call.attempt
         call.tried.append(replica)
-        op = call.op
-        if call.shared or call.live:
-            op = pb.Operation()
-            op.CopyFrom(call.op)
-        if call.live:
-            call.shared = True
         call.live |= 1 << n
         remaining = call.deadline - now
         attempt_deadline = now + min(remaining, s.attempt_timeout)
-        op.timeout_us = max(1, int((attempt_deadline - now) * 1e6))
+        timeout_us = max(1, int((attempt_deadline - now) * 1e6))
         timers = self._timers
         heapq.heappush(timers, (attempt_deadline, next(self._seq), call, n, _KIND_DEADLINE, now))
         if s.hedging and not hedge and not call.hedged and len(call.route.replicas) > 1:
@@ -718,9 +726,15 @@ class Router:
         if probe:
             replica.probe_in_flight = True
             call.probes |= 1 << n
+        parent = call.traceparent
         if call.spans is not None:
-            self._start_span(call, op, n, replica, hedge)
-        replica.submit(op, lambda result: self._on_result(call, n, replica, now, probe, result))
+            parent = self._start_span(call, n, replica, hedge)
+        replica.submit(
+            call.body,
+            lambda result: self._on_result(call, n, replica, now, probe, result),
+            timeout_us,
+            parent,
+        )
         return True
 
     def _on_result(
@@ -784,9 +798,8 @@ class Router:
             call.spans.clear()
         call.done(result)
 
-    def _start_span(
-        self, call: Call, op: pb.Operation, n: int, replica: Replica, hedge: bool
-    ) -> None:
+    def _start_span(self, call: Call, n: int, replica: Replica, hedge: bool) -> str:
+        """Open attempt ``n``'s span; returns the traceparent the signer gets."""
         assert self.telemetry is not None and call.parent is not None and call.spans is not None
         span = self.telemetry.tracer.start_span(
             "signer operation",
@@ -799,8 +812,8 @@ class Router:
                 "keyward.hedge": hedge,
             },
         )
-        op.traceparent = traceparent(span)  # the signer's span goes under this attempt
         call.spans[n] = span
+        return traceparent(span)  # the signer's span goes under this attempt
 
     def _hedge(self, call: Call, n: int, now: float) -> None:
         if call.finished or call.hedged or call.attempt != n or not call.live & (1 << n):
@@ -831,7 +844,6 @@ class Router:
                     continue
                 # The attempt's deadline: count it as a failure of that replica, and
                 # go on elsewhere. The stream may still hold the operation.
-                call.shared = True
                 replica = call.tried[n - 1]
                 self._on_result(
                     call,

@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 
 from signer.common.http import OpsServer
 from signer.common.logs import setup_logging
+from signer.common.runtime import settle_heap
 from signer.common.telemetry import Telemetry, setup_tracing
 from signer.common.tls import (
     TLSConfigError,
@@ -136,6 +137,7 @@ async def serve(
     )
     try:
         running = await _start(config, token, telemetry)
+        settle_heap()
         if announce:
             # One machine-readable line for supervisors and tests (port 0 → real port).
             extra = f" metrics={running.metrics_address}" if running.metrics_address else ""

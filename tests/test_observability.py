@@ -485,6 +485,15 @@ def test_prometheus_scrapes_both_services_and_returns_the_request_counter(
         assert up == {"keyward-gateway": "1", "keyward-signer": "1"}
         histogram = _query(port, "keyless_request_total_duration_per_opcode_count")
         assert any(float(s["value"][1]) >= sent for s in histogram)
+        # The Stream's batching, per signer: every operation sent is counted, and no
+        # message went out empty.
+        ops = {s["metric"]["signer"]: float(s["value"][1])
+               for s in _query(port, "keyward_signer_stream_operations")}
+        msgs = {s["metric"]["signer"]: float(s["value"][1])
+                for s in _query(port, "keyward_signer_stream_messages")}
+        assert ops.keys() == msgs.keys() == {obs.signer.address}
+        assert ops[obs.signer.address] >= sent
+        assert 1 <= msgs[obs.signer.address] <= ops[obs.signer.address]
     finally:
         prom.terminate()
         try:

@@ -63,11 +63,21 @@ class Metric:
 
 
 class Counter(Metric):
+    """A counter, incremented in place or (with ``read``) read at scrape time from a
+    callback returning {labels: value}, for totals another object already keeps."""
+
     kind = "counter"
 
-    def __init__(self, name: str, doc: str, labelnames: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labelnames: Sequence[str] = (),
+        read: Callable[[], dict[Labels, float]] | None = None,
+    ) -> None:
         super().__init__(name, doc, labelnames)
         self.values: dict[Labels, float] = {}
+        self.read = read
 
     def inc(self, labels: Labels = (), amount: float = 1.0) -> None:
         v = self.values
@@ -77,7 +87,8 @@ class Counter(Metric):
         return self.values.get(labels, 0.0)
 
     def samples(self) -> Iterable[str]:
-        for labels, value in list(self.values.items()):
+        values = self.read() if self.read is not None else dict(self.values)
+        for labels, value in values.items():
             yield f"{self.name}{_labels(self.labelnames, labels)} {_num(value)}"
 
 
@@ -151,8 +162,14 @@ class Registry:
         self.metrics.append(metric)
         return metric
 
-    def counter(self, name: str, doc: str, labelnames: Sequence[str] = ()) -> Counter:
-        m = Counter(name, doc, labelnames)
+    def counter(
+        self,
+        name: str,
+        doc: str,
+        labelnames: Sequence[str] = (),
+        read: Callable[[], dict[Labels, float]] | None = None,
+    ) -> Counter:
+        m = Counter(name, doc, labelnames, read)
         self.metrics.append(m)
         return m
 
