@@ -49,6 +49,7 @@ from gateway.router import Route, Router
 from gateway.tracing import end_request_span, start_request_span
 from signer.common.telemetry import DISABLED, Telemetry
 from signer.common.tls import peer_identity
+from signer.encoding import decrypt_body, sign_body
 from signer.v1 import signer_pb2 as pb
 
 log = logging.getLogger("keyward.gateway")
@@ -189,16 +190,16 @@ class KeylessProtocol(asyncio.Protocol):
             self._send_error(rid, prepared)
             self._observe(kind, metrics.error_label(prepared), now, now)
             return
-        route, grpc_op = prepared
+        route, body = prepared
         span, parent = (None, "")
         if self._server.telemetry.enabled:
             span, parent = start_request_span(self._server.telemetry, op, name, rid, self.peer)
-            grpc_op.traceparent = parent
         self._begin()
-        self._server.router.execute(route, grpc_op, self._completion(rid, op, kind, now, span))
+        self._server.router.execute(route, body, self._completion(rid, op, kind, now, span), parent)
 
-    def _prepare(self, op: Operation, opcode: int) -> int | tuple[Route, pb.Operation]:
-        """The route and Signer operation for a request, or the keyless error to send."""
+    def _prepare(self, op: Operation, opcode: int) -> int | tuple[Route, bytes]:
+        """The route and encoded Signer operation for a request, or the keyless error
+        to send."""
         algorithm = SIGN_ALGORITHMS.get(opcode)
         decrypt = opcode in DECRYPT_OPCODES
         if algorithm is None and not decrypt:
@@ -212,20 +213,13 @@ class KeylessProtocol(asyncio.Protocol):
         route = self._server.router.route(op.ski)
         if route is None:
             return ErrorCode.KEY_NOT_FOUND
-        key = pb.KeySelector(ski=op.ski)
         if decrypt:
             if not route.decrypt:
                 return ErrorCode.CRYPTO
-            grpc_op = pb.Operation(
-                decrypt=pb.DecryptRequest(key=key, mode=pb.DECRYPT_MODE_RAW, ciphertext=op.payload)
-            )
-        else:
-            if algorithm not in route.algorithms:
-                return ErrorCode.CRYPTO
-            grpc_op = pb.Operation(
-                sign=pb.SignRequest(key=key, algorithm=algorithm, data=op.payload)
-            )
-        return route, grpc_op
+            return route, decrypt_body(op.ski, pb.DECRYPT_MODE_RAW, op.payload)
+        if algorithm not in route.algorithms:
+            return ErrorCode.CRYPTO
+        return route, sign_body(op.ski, algorithm, op.payload)
 
     def _completion(
         self, rid: int, op: Operation, kind: str, started: float, span: Any

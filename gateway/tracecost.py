@@ -474,7 +474,7 @@ async def _micro(mode: str, endpoint: str, duration: float, concurrency: int) ->
 
     async def stream_phase() -> None:
         nonlocal count
-        stream = OperationStream(stub)
+        stream = OperationStream(channel)
         await stream.start()
         done = asyncio.get_running_loop().create_future()
         outstanding = 0

@@ -234,6 +234,67 @@ def test_stream_answers_many_operations_each_verified(cluster: Cluster) -> None:
     assert asyncio.run(go()) == (599, 1)
 
 
+def test_stream_batches_what_arrives_while_the_signer_is_busy(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """OperationStream's refill policy, seen from outside: an operation goes out at
+    once while the signer has at most ``low_water`` (4) of the stream's operations left
+    to answer; beyond that, new ones wait and leave together in one message."""
+    faults = tmp_path / "slow.json"
+    faults.write_text(json.dumps({"delay_ms": 500, "calls": ["sign"]}))
+    slow = cluster.start_signer(sessions=2, test_fault_file=str(faults))
+
+    async def go() -> None:
+        async with SignerClient(slow.address, ca=cluster.pki.ca_pem,
+                                cert=cluster.pki.gateway_signer_client.cert,
+                                key=cluster.pki.gateway_signer_client.key,
+                                server_name="localhost") as c:
+            key = next(k for k in (await c.list_keys()).keys if k.label == "k-p256")
+            stream = c.stream()
+            await stream.start()
+            loop = asyncio.get_running_loop()
+            futures: list[asyncio.Future[pb.OperationResult]] = []
+
+            def submit(n: int) -> None:
+                for _ in range(n):
+                    fut: asyncio.Future[pb.OperationResult] = loop.create_future()
+                    stream.submit(pb.Operation(sign=pb.SignRequest(
+                        key=pb.KeySelector(ski=key.ski), algorithm=pb.ECDSA_SHA256,
+                        data=digest("SHA256"))), fut.set_result)
+                    futures.append(fut)
+
+            async def settle() -> None:  # let the stream's writer and gRPC run
+                for _ in range(3):
+                    await asyncio.sleep(0.01)
+
+            submit(3)  # one message
+            await settle()
+            assert stream.messages_sent == 1
+            submit(1)  # 3 unanswered <= 4: goes at once, in a message of its own
+            await settle()
+            assert stream.messages_sent == 2
+            submit(2)  # 4 unanswered: still at once
+            await settle()
+            assert stream.messages_sent == 3
+            submit(5)  # 6 unanswered: these wait...
+            await settle()
+            submit(5)  # ...with these, for answers
+            await settle()
+            assert stream.messages_sent == 3
+            assert not any(f.done() for f in futures)  # nothing answered yet (500 ms a sign)
+            results = await asyncio.wait_for(asyncio.gather(*futures), 30)
+            # The ten that waited left together, in one message.
+            assert stream.messages_sent == 4
+            assert stream.operations_sent == 16
+            assert all(r.WhichOneof("result") == "output" for r in results)
+            await stream.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        slow.stop()
+
+
 def test_concurrent_unary_calls(cluster: Cluster) -> None:
     async def go() -> int:
         async with client(cluster) as c:

@@ -55,7 +55,10 @@ class OpsServer:
             elif path == "/readyz":
                 ok, why = self.ready()
                 await self._reply(
-                    writer, 200 if ok else 503, why.encode() + b"\n", "text/plain",
+                    writer,
+                    200 if ok else 503,
+                    why.encode() + b"\n",
+                    "text/plain",
                     head_only=head_only,
                 )
             else:

@@ -97,8 +97,9 @@ def _attributes(field: int, attributes: Mapping[str, Any] | None) -> bytes:
     if not attributes:
         return b""
     # The SDK's BoundedAttributes is a Mapping over a plain dict; iterate the dict.
-    items = (attributes if type(attributes) is dict
-             else getattr(attributes, "_dict", attributes)).items()
+    items = (
+        attributes if type(attributes) is dict else getattr(attributes, "_dict", attributes)
+    ).items()
     cache = _CACHE
     out = []
     for k, v in items:
@@ -138,11 +139,19 @@ def _fields(span: ReadableSpan) -> tuple[Any, Sequence[Any], Sequence[Any], int,
         events: Any = span._events
         links: Any = span._links
     except AttributeError:
-        return (span.attributes, span.events, span.links, span.dropped_attributes,
-                span.dropped_events, span.dropped_links)
+        return (
+            span.attributes,
+            span.events,
+            span.links,
+            span.dropped_attributes,
+            span.dropped_events,
+            span.dropped_links,
+        )
     # Bounded containers (the SDK's) count what they dropped; plain ones drop nothing.
     return (
-        attributes, events, links,
+        attributes,
+        events,
+        links,
         0 if type(attributes) is dict else getattr(attributes, "dropped", 0),
         0 if type(events) is list else getattr(events, "dropped", 0),
         0 if type(links) is tuple else getattr(links, "dropped", 0),
@@ -184,8 +193,9 @@ def encode_span(span: ReadableSpan) -> bytes:
     parent = span.parent
     attributes, events, links, dropped_attributes, dropped_events, dropped_links = _fields(span)
     trace_id = ctx.trace_id
-    out = [_IDS.pack(0x0A, 16, trace_id >> 64, trace_id & 0xFFFF_FFFF_FFFF_FFFF,
-                     0x12, 8, ctx.span_id)]
+    out = [
+        _IDS.pack(0x0A, 16, trace_id >> 64, trace_id & 0xFFFF_FFFF_FFFF_FFFF, 0x12, 8, ctx.span_id)
+    ]
     if ctx.trace_state:
         out.append(_str(3, _trace_state(ctx.trace_state)))
     if parent is not None:
@@ -198,7 +208,8 @@ def encode_span(span: ReadableSpan) -> bytes:
         out.append(b"\x50" + _varint(dropped_attributes))
     for event in events if len(events) else ():
         body = (
-            b"\x09" + _pack_q(event.timestamp or 0)
+            b"\x09"
+            + _pack_q(event.timestamp or 0)
             + _str(2, event.name)
             + _attributes(3, event.attributes)
         )
@@ -211,8 +222,10 @@ def encode_span(span: ReadableSpan) -> bytes:
     for link in links if len(links) else ():
         lc = link.context
         body = (
-            b"\x0a\x10" + lc.trace_id.to_bytes(16, "big")
-            + b"\x12\x08" + lc.span_id.to_bytes(8, "big")
+            b"\x0a\x10"
+            + lc.trace_id.to_bytes(16, "big")
+            + b"\x12\x08"
+            + lc.span_id.to_bytes(8, "big")
             + _str(3, _trace_state(lc.trace_state))
             + _attributes(4, link.attributes)
         )
@@ -236,8 +249,7 @@ def encode_lean(span: Any) -> bytes:
     """:func:`encode_span` for a :class:`signer.common.spans.LeanSpan`, reading the ids
     it keeps as integers rather than through SpanContext's properties."""
     trace_id, span_id, parent_id, remote = span._ids
-    out = [_IDS.pack(0x0A, 16, trace_id >> 64, trace_id & 0xFFFF_FFFF_FFFF_FFFF,
-                     0x12, 8, span_id)]
+    out = [_IDS.pack(0x0A, 16, trace_id >> 64, trace_id & 0xFFFF_FFFF_FFFF_FFFF, 0x12, 8, span_id)]
     state = span._state
     if state:
         out.append(_str(3, _trace_state(state)))
@@ -278,14 +290,19 @@ class SpanEncoder:
         if hit is None or hit[0] is not scope:
             body = _len(1, b"")
             if scope is not None:
-                body = _len(1, _str(1, scope.name) + _str(2, scope.version or "")
-                            + _attributes(3, getattr(scope, "attributes", None)))
+                body = _len(
+                    1,
+                    _str(1, scope.name)
+                    + _str(2, scope.version or "")
+                    + _attributes(3, getattr(scope, "attributes", None)),
+                )
             hit = self._scopes[id(scope)] = (scope, body)
         return hit[1]
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
         return self.encode_parts(
-            [(s.resource, s.instrumentation_scope, _len(2, encode_span(s))) for s in spans])
+            [(s.resource, s.instrumentation_scope, _len(2, encode_span(s))) for s in spans]
+        )
 
     def encode_parts(self, parts: Sequence[tuple[Any, Any, bytes]]) -> bytes:
         """The request for spans already encoded: (resource, scope, bytes), the bytes
@@ -314,9 +331,7 @@ class SpanEncoder:
             body = [_len(1, self._resource(resource))]
             for scope, encoded in scope_groups:
                 schema = scope.schema_url if scope is not None else ""
-                body.append(_len(2, self._scope(scope)
-                                 + b"".join(encoded)
-                                 + _str(3, schema or "")))
+                body.append(_len(2, self._scope(scope) + b"".join(encoded) + _str(3, schema or "")))
             body.append(_str(3, getattr(resource, "schema_url", "") or ""))
             out.append(_len(1, b"".join(body)))
         return b"".join(out)
@@ -331,7 +346,8 @@ class _RawStub:
         )
 
         self.Export = channel.unary_unary(
-            _EXPORT, request_serializer=None,
+            _EXPORT,
+            request_serializer=None,
             response_deserializer=ExportTraceServiceResponse.FromString,
         )
 
@@ -345,8 +361,9 @@ def otlp_grpc_exporter(**kwargs: Any) -> Any:
     it also takes an :class:`EncodedBatch`. The stock exporter if its hooks are gone."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    if not all(hasattr(OTLPSpanExporter, h)
-               for h in ("_translate_data", "_initialize_channel_and_stub")):
+    if not all(
+        hasattr(OTLPSpanExporter, h) for h in ("_translate_data", "_initialize_channel_and_stub")
+    ):
         return OTLPSpanExporter(**kwargs)
     encoder = SpanEncoder()
 
@@ -393,15 +410,13 @@ class EncodingBatchProcessor(SpanProcessor):
         self._exporter = exporter
         self._delay = _env_int(env, "OTEL_BSP_SCHEDULE_DELAY", 5000) / 1000
         self._max_queue = _env_int(env, "OTEL_BSP_MAX_QUEUE_SIZE", 2048)
-        self._max_batch = min(_env_int(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512),
-                              self._max_queue)
+        self._max_batch = min(_env_int(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", 512), self._max_queue)
         self._queue: deque[tuple[Any, Any, bytes]] = deque()
         self._wake = threading.Event()
         self._flushes: deque[threading.Event] = deque()
         self._stopped = False
         self.dropped = 0
-        self._worker = threading.Thread(target=self._run, name="keyward-span-export",
-                                        daemon=True)
+        self._worker = threading.Thread(target=self._run, name="keyward-span-export", daemon=True)
         self._worker.start()
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
@@ -418,8 +433,11 @@ class EncodingBatchProcessor(SpanProcessor):
         if len(queue) >= self._max_queue:
             self.dropped += 1
             if self.dropped == 1:
-                log.warning("span export queue full (%d spans): dropping spans; "
-                            "OTEL_BSP_MAX_QUEUE_SIZE raises the limit", self._max_queue)
+                log.warning(
+                    "span export queue full (%d spans): dropping spans; "
+                    "OTEL_BSP_MAX_QUEUE_SIZE raises the limit",
+                    self._max_queue,
+                )
             return
         data = encode_lean(span) if type(span) is LeanSpan else encode_span(span)
         queue.append((span.resource, span.instrumentation_scope, _len(2, data)))

@@ -47,9 +47,7 @@ class Service:
                 break
             if line.startswith("ready "):
                 # ready NAME key=value key=value ...
-                self.fields = dict(
-                    part.split("=", 1) for part in line.split()[2:] if "=" in part
-                )
+                self.fields = dict(part.split("=", 1) for part in line.split()[2:] if "=" in part)
                 self.address = self.fields.get("listen", "")
                 return self.address
         self.stop()

@@ -62,9 +62,24 @@ class LeanSpan(trace.Span, ReadableSpan):
     """A recording span; a ``ReadableSpan`` once it has ended."""
 
     __slots__ = (
-        "_attributes", "_context", "_end_time", "_events", "_ids", "_instrumentation_info",
-        "_instrumentation_scope", "_kind", "_lean_attributes", "_lean_context", "_links",
-        "_name", "_parent", "_resource", "_start_time", "_state", "_status", "_tracer",
+        "_attributes",
+        "_context",
+        "_end_time",
+        "_events",
+        "_ids",
+        "_instrumentation_info",
+        "_instrumentation_scope",
+        "_kind",
+        "_lean_attributes",
+        "_lean_context",
+        "_links",
+        "_name",
+        "_parent",
+        "_resource",
+        "_start_time",
+        "_state",
+        "_status",
+        "_tracer",
     )
 
     def __init__(
@@ -200,12 +215,17 @@ class LeanTracer(trace.Tracer):
             trace_id = parent.trace_id
             if not parent.trace_flags.sampled:
                 # Parent-based: not sampled upstream, not recorded here either.
-                return NonRecordingSpan(SpanContext(
-                    trace_id, span_id, False, parent.trace_flags, parent.trace_state))
+                return NonRecordingSpan(
+                    SpanContext(trace_id, span_id, False, parent.trace_flags, parent.trace_state)
+                )
             ctx = SpanContext(trace_id, span_id, False, parent.trace_flags, parent.trace_state)
             parent_ctx: SpanContext | None = parent
             ids: tuple[int, int, int | None, bool] = (
-                trace_id, span_id, parent.span_id, parent.is_remote)
+                trace_id,
+                span_id,
+                parent.span_id,
+                parent.is_remote,
+            )
         else:
             trace_id = bits(128) or 1
             ctx = SpanContext(trace_id, span_id, False, _ROOT_FLAGS, _EMPTY_STATE)
@@ -219,9 +239,17 @@ class LeanTracer(trace.Tracer):
                     clean[key] = value
                 elif _valid(value):
                     clean[key] = tuple(value)  # type: ignore[arg-type]  # a sequence
-        return LeanSpan(self, name, ctx, parent_ctx, kind, clean,
-                        tuple(x for x in links or () if x.context.is_valid) if links else (),
-                        start_time or time.time_ns(), ids)
+        return LeanSpan(
+            self,
+            name,
+            ctx,
+            parent_ctx,
+            kind,
+            clean,
+            tuple(x for x in links or () if x.context.is_valid) if links else (),
+            start_time or time.time_ns(),
+            ids,
+        )
 
     @_agnosticcontextmanager  # what the API's Tracer declares
     def start_as_current_span(
@@ -237,6 +265,10 @@ class LeanTracer(trace.Tracer):
         end_on_exit: bool = True,
     ) -> Iterator[trace.Span]:
         span = self.start_span(name, context, kind, attributes, links, start_time)
-        with trace.use_span(span, end_on_exit=end_on_exit, record_exception=record_exception,
-                            set_status_on_exception=set_status_on_exception) as current:
+        with trace.use_span(
+            span,
+            end_on_exit=end_on_exit,
+            record_exception=record_exception,
+            set_status_on_exception=set_status_on_exception,
+        ) as current:
             yield current
