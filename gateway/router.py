@@ -63,7 +63,8 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from gateway.discovery import Target
 from signer.client import OperationStream, SignerClient, SignerError, status_code
-from signer.common.telemetry import Telemetry, context_from_traceparent, traceparent
+from signer.common.spans import ParentIds, start_child
+from signer.common.telemetry import Telemetry, parse_traceparent, traceparent
 from signer.v1 import signer_pb2 as pb
 
 log = logging.getLogger("keyward.gateway.router")
@@ -462,8 +463,9 @@ class Call:
         self.live = 0  # bit n set while attempt n is waiting for its answer
         self.probes = 0  # bit n set if attempt n was a replica's probation probe
         self.hedged = 0  # the number of the hedge attempt, if one was sent
-        # Tracing only: the request span's traceparent, and the open attempt spans.
-        self.parent: str | None = None
+        # Tracing only: the request span (parsed from its traceparent), and the open
+        # attempt spans.
+        self.parent: ParentIds | None = None
         self.spans: dict[int, Any] | None = None
 
 
@@ -653,8 +655,9 @@ class Router:
         call = Call(route, body, traceparent, now + s.request_timeout, done)
         tel = self.telemetry
         if traceparent.endswith("-01") and tel is not None and tel.enabled:
-            call.parent = traceparent
-            call.spans = {}
+            call.parent = parse_traceparent(traceparent)
+            if call.parent is not None:
+                call.spans = {}
         self._attempt(call, now, hedge=False)
 
     def _pick(self, call: Call, now: float, hedge: bool) -> Replica | None:
@@ -801,17 +804,19 @@ class Router:
     def _start_span(self, call: Call, n: int, replica: Replica, hedge: bool) -> str:
         """Open attempt ``n``'s span; returns the traceparent the signer gets."""
         assert self.telemetry is not None and call.parent is not None and call.spans is not None
-        span = self.telemetry.tracer.start_span(
+        span = start_child(
+            self.telemetry.tracer,
             "signer operation",
-            context=context_from_traceparent(call.parent),
-            kind=SpanKind.CLIENT,
-            attributes={
+            call.parent,
+            SpanKind.CLIENT,
+            {
                 "rpc.system": "grpc",
                 "keyward.signer.address": replica.address,
                 "keyward.attempt": n,
                 "keyward.hedge": hedge,
             },
         )
+        assert span is not None  # the parent is sampled, or there would be no spans
         call.spans[n] = span
         return traceparent(span)  # the signer's span goes under this attempt
 

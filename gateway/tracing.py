@@ -17,12 +17,12 @@ import ipaddress
 import random
 from typing import Any
 
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from gateway.dispatch import request_id_of
 from gateway.protocol import Operation, error_name
-from signer.common.telemetry import EMPTY_CONTEXT, Telemetry, context_from_jaeger, traceparent
+from signer.common.spans import start_child
+from signer.common.telemetry import Telemetry, parse_jaeger, traceparent
 
 
 def _ip(raw: bytes) -> str:
@@ -36,11 +36,10 @@ def start_request_span(
     tel: Telemetry, op: Operation, name: str, rid: int, peer: str
 ) -> tuple[Any, str]:
     """A recording span and its traceparent, or (None, a "not sampled" traceparent)."""
-    parent = context_from_jaeger(op.jaeger_span) if op.jaeger_span else None
+    parent = parse_jaeger(op.jaeger_span) if op.jaeger_span else None
     if parent is not None:
-        ctx = trace.get_current_span(parent).get_span_context()
-        if not ctx.trace_flags.sampled:
-            return None, f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-00"
+        if not parent[2] & 1:
+            return None, f"00-{parent[0]:032x}-{parent[1]:016x}-00"
     elif not tel.sample_root():
         return None, unsampled_traceparent()
     attributes: dict[str, str | int] = {
@@ -57,13 +56,7 @@ def start_request_span(
         attributes["keyless.server_ip"] = _ip(op.server_ip)
     if op.req_context:
         attributes["keyless.request_id"] = request_id_of(op.req_context)
-    span = tel.tracer.start_span(
-        f"keyless {name}",
-        # A root starts from an empty context rather than whatever is current.
-        context=parent if parent is not None else EMPTY_CONTEXT,
-        kind=SpanKind.SERVER,
-        attributes=attributes,
-    )
+    span = start_child(tel.tracer, f"keyless {name}", parent, SpanKind.SERVER, attributes)
     return span, traceparent(span)
 
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from signer.common.telemetry import DISABLED, Telemetry, context_from_traceparent
+from signer.common.spans import span_ids, start_child
+from signer.common.telemetry import DISABLED, Telemetry, parse_traceparent
 from signer.hsm.errors import HsmError
 from signer.hsm.keys import KeyInfo
 from signer.hsm.mechanisms import decrypt_spec, mechanism_name, sign_spec
@@ -183,7 +183,7 @@ class SignerService(pb_grpc.SignerServicer):
             # W3C trace context arrives in the call's metadata for unary calls.
             metadata = dict(context.invocation_metadata() or ())
             parent = metadata.get("traceparent", "")
-            spans = self._start_spans([parent if isinstance(parent, str) else ""])
+            spans = self._start_spans([parent if isinstance(parent, str) else ""], [job])
         chunk = Chunk([0], [job], time.monotonic(), spans)
         self.in_flight += 1
         started: float | None = None
@@ -319,7 +319,11 @@ class SignerService(pb_grpc.SignerServicer):
                             ids[start : start + size],
                             jobs[start : start + size],
                             now,
-                            self._start_spans(parents[start : start + size]) if tracing else None,
+                            self._start_spans(
+                                parents[start : start + size], jobs[start : start + size]
+                            )
+                            if tracing
+                            else None,
                         )
                         try:
                             fut = self._token.submit(chunk.jobs)
@@ -392,25 +396,37 @@ class SignerService(pb_grpc.SignerServicer):
     def _count_rejected(self, error: HsmError) -> None:
         self.metrics.operations.inc(("-", "-", error.code.name))
 
-    def _start_spans(self, parents: list[str]) -> list[Any] | None:
+    def _start_spans(self, parents: list[str], jobs: list[Job]) -> list[Any] | None:
+        """The server and HSM spans of each operation whose trace is sampled (its
+        traceparent says so, or, with none, the root ratio does), None for the others.
+        What is known now goes in as the spans' attributes; the rest at the end."""
         spans: list[Any] = []
         any_span = False
-        for value in parents:
-            parent = context_from_traceparent(value) if value else None
-            if parent is None:
-                sampled = self.telemetry.sample_root()
-            else:
-                flags = trace.get_current_span(parent).get_span_context().trace_flags
-                sampled = flags.sampled
-            if not sampled:
-                spans.append(None)
+        tracer = self.telemetry.tracer
+        token = self._token.description
+        for value, job in zip(parents, jobs, strict=True):
+            parent = parse_traceparent(value) if value else None
+            if (parent[2] & 1 == 0) if parent is not None else not self.telemetry.sample_root():
+                spans.append(None)  # not sampled upstream, or a root not sampled here
                 continue
-            any_span = True
-            server = self.telemetry.tracer.start_span(
-                "keyward.signer.v1.Signer/Stream", context=parent, kind=SpanKind.SERVER
+            attributes: dict[str, Any] = {
+                "signer.algorithm": algorithm_label(job.algorithm, job.decrypt_mode)
+            }
+            key = job.key
+            if isinstance(key, KeyInfo):
+                attributes["signer.key.label"] = key.label
+                attributes["signer.key.ski"] = key.ski.hex()
+            server = start_child(
+                tracer, "keyward.signer.v1.Signer/Stream", parent, SpanKind.SERVER, attributes
             )
-            hsm = self.telemetry.tracer.start_span(
-                "hsm operation", context=trace.set_span_in_context(server)
+            assert server is not None  # sampled: checked above
+            any_span = True
+            hsm = start_child(
+                tracer,
+                "hsm operation",
+                span_ids(server),
+                SpanKind.INTERNAL,
+                {"hsm.mechanism": mechanism_for(job), "hsm.token": token},
             )
             spans.append((server, hsm))
         return spans if any_span else None
@@ -419,16 +435,8 @@ class SignerService(pb_grpc.SignerServicer):
         self, pair: tuple[Any, Any], job: Job, out: Result, session_wait: float | None
     ) -> None:
         server, hsm = pair
-        name = algorithm_label(job.algorithm, job.decrypt_mode)
-        key = job.key
-        hsm.set_attribute("hsm.mechanism", mechanism_for(job))
-        hsm.set_attribute("hsm.token", self._token.description)
         if session_wait is not None:
             hsm.set_attribute("hsm.session_wait_ms", round(max(0.0, session_wait) * 1e3, 3))
-        server.set_attribute("signer.algorithm", name)
-        if isinstance(key, KeyInfo):
-            server.set_attribute("signer.key.label", key.label)
-            server.set_attribute("signer.key.ski", key.ski.hex())
         if isinstance(out, HsmError):
             for span in (hsm, server):
                 span.set_status(Status(StatusCode.ERROR, out.code.name))

@@ -29,14 +29,16 @@ from gateway.protocol import Op, Operation
 from gateway.tracing import end_request_span, start_request_span
 from signer.common.logs import JSONFormatter, TextFormatter
 from signer.common.otlp import EncodingBatchProcessor, SpanEncoder, encode_lean, encode_span
-from signer.common.spans import LeanTracer
+from signer.common.spans import LeanTracer, span_ids, start_child
 from signer.common.telemetry import (
     DISABLED,
     Telemetry,
     TracingConfig,
     context_from_jaeger,
     context_from_traceparent,
+    parse_traceparent,
     setup_tracing,
+    traceparent,
     use_provider,
 )
 
@@ -286,6 +288,56 @@ def test_jaeger_span_contexts_in_tag_0x15(data: bytes, expected: tuple[int, int,
 ])
 def test_malformed_jaeger_contexts_are_ignored(data: bytes) -> None:
     assert context_from_jaeger(data) is None
+
+
+_TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (_TP, (0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, 1)),
+    (_TP[:-2] + "00", (0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, 0)),
+    ("01" + _TP[2:] + "-extra", (0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, 1)),
+    (_TP.upper(), None),  # W3C: lowercase only
+    ("ff" + _TP[2:], None),  # version ff is invalid
+    (_TP + "x", None),
+    (_TP[:-1], None),
+    ("00-" + "0" * 32 + "-b7ad6b7169203331-01", None),
+    ("00-0af7651916cd43dd8448eb211c80319c-" + "0" * 16 + "-01", None),
+    ("00-+af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", None),
+    ("", None),
+])
+def test_traceparent_parsing(value: str, expected: tuple[int, int, int] | None) -> None:
+    ids = parse_traceparent(value)
+    assert (ids[:3] if ids else None) == expected
+    ctx = context_from_traceparent(value)
+    assert (ctx is None) == (expected is None)
+
+
+def test_lean_child_spans_need_no_context_objects() -> None:
+    """start_child, Keyward's hot path, makes the spans the tracing API would make."""
+    exporter = InMemorySpanExporter()
+    tracer = LeanTracer(Resource.create({}), InstrumentationScope("t"), SimpleSpanProcessor(exporter))
+    parent = parse_traceparent(_TP)
+    assert parent is not None
+    server = start_child(tracer, "server", parent, SpanKind.SERVER, {"a": 1})
+    assert server is not None
+    child = start_child(tracer, "child", span_ids(server), SpanKind.INTERNAL, {})
+    assert child is not None
+    assert start_child(tracer, "unsampled", (1, 2, 0, True), SpanKind.SERVER, {}) is None
+    root = start_child(tracer, "root", None, SpanKind.SERVER, {})
+    assert root is not None
+    for span in (child, server, root):
+        span.end()
+    got = {s.name: s for s in exporter.get_finished_spans()}
+    assert got["server"].context.trace_id == parent[0]
+    assert got["server"].parent is not None and got["server"].parent.span_id == parent[1]
+    assert got["server"].parent.is_remote
+    assert got["child"].parent is not None
+    assert got["child"].parent.span_id == got["server"].context.span_id
+    assert not got["child"].parent.is_remote
+    assert got["root"].parent is None
+    assert got["server"].attributes == {"a": 1}
+    assert traceparent(server) == f"00-{parent[0]:032x}-{got['server'].context.span_id:016x}-01"
 
 
 # -- configuration and OTEL_* ---------------------------------------------------------

@@ -122,6 +122,46 @@ def _attributes(field: int, attributes: Mapping[str, Any] | None) -> bytes:
     return b"".join(out)
 
 
+# Span.attributes (field 9) for lean spans, whose values are always of an allowed type:
+# a KeyValue per attribute, from a cache for repeating (key, value) pairs and from the
+# key's cached prefix otherwise (request ids, timings).
+_SPAN_ATTRS: dict[tuple[str, Any], bytes] = {}
+_KEY_PREFIX: dict[str, bytes] = {}
+
+
+def _span_attributes(attributes: dict[str, Any]) -> bytes:
+    cache = _SPAN_ATTRS
+    out = []
+    for item in attributes.items():
+        kind = type(item[1])
+        if kind is str or (kind is bool):
+            hit = cache.get(item if kind is str else (item[0], (item[1],)))
+            if hit is not None:
+                out.append(hit)
+                continue
+        key, value = item
+        prefix = _KEY_PREFIX.get(key)
+        if prefix is None:
+            prefix = _KEY_PREFIX[key] = _len(1, key.encode())
+        if kind is int:
+            any_value = b"\x18" + _varint(value & 0xFFFF_FFFF_FFFF_FFFF)
+        elif kind is float:
+            any_value = b"\x21" + _pack_d(value)
+        else:
+            try:
+                any_value = _any(value)
+            except TypeError:
+                continue  # dropped, as the stock encoder drops it
+        kv = prefix + b"\x12" + _varint(len(any_value)) + any_value
+        encoded = b"\x4a" + _varint(len(kv)) + kv
+        if kind is str or kind is bool:
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            cache[item if kind is str else (key, (value,))] = encoded
+        out.append(encoded)
+    return b"".join(out)
+
+
 def _trace_state(state: Any) -> str:
     return ",".join(f"{k}={v}" for k, v in state.items()) if state else ""
 
@@ -259,7 +299,7 @@ def encode_lean(span: Any) -> bytes:
     out.append(_TIMES.pack(0x39, span._start_time, 0x41, span._end_time))
     attributes = span._lean_attributes
     if attributes:
-        out.append(_attributes(9, attributes))
+        out.append(_span_attributes(attributes))
     if span._events or span._links:
         return encode_span(span)  # rare in Keyward: the general path
     status = span._status

@@ -86,19 +86,21 @@ class LeanSpan(trace.Span, ReadableSpan):
         self,
         tracer: LeanTracer,
         name: str,
-        context: SpanContext,
+        context: SpanContext | None,
         parent: SpanContext | None,
         kind: SpanKind,
         attributes: dict[str, Any],
         links: Sequence[Link],
         start_time: int,
         ids: tuple[int, int, int | None, bool],
+        state: TraceState = _EMPTY_STATE,
     ) -> None:
         # ReadableSpan.__init__ is bypassed: it would build a Resource per span.
         self._tracer = tracer
-        # (trace id, span id, parent span id, parent is remote), for the encoder.
+        # (trace id, span id, parent span id, parent is remote), for the encoder and
+        # for contexts made only when asked for (start_child makes none).
         self._ids = ids
-        self._state = context.trace_state
+        self._state = state if context is None else context.trace_state
         self._lean_context = context
         self._lean_attributes = attributes
         self._name = name
@@ -118,7 +120,23 @@ class LeanSpan(trace.Span, ReadableSpan):
     # -- the tracing API -----------------------------------------------------------
 
     def get_span_context(self) -> SpanContext:
-        return self._lean_context
+        ctx = self._lean_context
+        if ctx is None:
+            trace_id, span_id, _, _ = self._ids
+            ctx = SpanContext(trace_id, span_id, False, _ROOT_FLAGS, self._state)
+            self._lean_context = self._context = ctx
+        return ctx
+
+    @property
+    def context(self) -> SpanContext:  # ReadableSpan's, for exporters
+        return self.get_span_context()
+
+    @property
+    def parent(self) -> SpanContext | None:
+        trace_id, _, parent_id, remote = self._ids
+        if self._parent is None and parent_id is not None:
+            self._parent = SpanContext(trace_id, parent_id, remote, _ROOT_FLAGS, self._state)
+        return self._parent
 
     def is_recording(self) -> bool:
         return self._end_time is None
@@ -272,3 +290,50 @@ class LeanTracer(trace.Tracer):
             set_status_on_exception=set_status_on_exception,
         ) as current:
             yield current
+
+
+# (trace id, span id, trace flags, is remote): a parent as Keyward's own code knows it,
+# parsed from a traceparent or a Jaeger context, or taken from a span it just made.
+ParentIds = tuple[int, int, int, bool]
+
+
+def span_ids(span: Any) -> ParentIds:
+    """``span`` as a parent for :func:`start_child`."""
+    if type(span) is LeanSpan:
+        trace_id, span_id, _, _ = span._ids
+        return trace_id, span_id, 1, False
+    ctx = span.get_span_context()
+    return ctx.trace_id, ctx.span_id, int(ctx.trace_flags), ctx.is_remote
+
+
+def start_child(
+    tracer: trace.Tracer,
+    name: str,
+    parent: ParentIds | None,
+    kind: SpanKind,
+    attributes: dict[str, Any],
+) -> trace.Span | None:
+    """Keyward's hot path for a span: a child of ``parent`` (a root if None), or None
+    when the parent is not sampled (parent-based: not recorded here either).
+
+    ``attributes`` must hold allowed values only (Keyward's own: str, int, bool,
+    float); the dict becomes the span's. With a :class:`LeanTracer` no context object
+    is made at all; any other tracer (the SDK's, in tests) gets the same span through
+    the tracing API.
+    """
+    if parent is not None and not parent[2] & 1:
+        return None
+    if type(tracer) is LeanTracer:
+        span_id = random.getrandbits(64) or 1
+        if parent is None:
+            trace_id = random.getrandbits(128) or 1
+            ids: tuple[int, int, int | None, bool] = (trace_id, span_id, None, False)
+        else:
+            trace_id = parent[0]
+            ids = (trace_id, span_id, parent[1], parent[3])
+        return LeanSpan(tracer, name, None, None, kind, attributes, (), time.time_ns(), ids)
+    context = None
+    if parent is not None:
+        parent_ctx = SpanContext(parent[0], parent[1], parent[3], TraceFlags(parent[2] & 1))
+        context = trace.set_span_in_context(NonRecordingSpan(parent_ctx), Context())
+    return tracer.start_span(name, context=context or Context(), kind=kind, attributes=attributes)

@@ -27,6 +27,7 @@ import dataclasses
 import logging
 import os
 import random
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +41,7 @@ from opentelemetry.trace import (
 )
 
 from signer.common.config import in_range, one_of, setting
+from signer.common.spans import LeanSpan, ParentIds
 
 log = logging.getLogger("keyward.telemetry")
 
@@ -193,35 +195,42 @@ def traceparent(span: Any) -> str:
 
     Only the sampled bit is passed on (not level 2's "random" bit the SDK may set), so
     that ``-01`` means sampled to every reader."""
+    if type(span) is LeanSpan:  # recording, so sampled; no SpanContext needed
+        trace_id, span_id, _, _ = span._ids
+        return f"00-{trace_id:032x}-{span_id:016x}-01"
     ctx = span.get_span_context()
-    value = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-0{int(ctx.trace_flags) & 1}"
-    _LAST[0] = (value, span)
-    return value
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-0{int(ctx.trace_flags) & 1}"
 
 
-# The last traceparent made in this process and its span: the gateway makes one for
-# its request span and the router turns it straight back into a parent context for
-# the attempt span, which then need not be parsed (and gets the local span itself).
-_LAST: list[tuple[str, Any]] = [("", None)]
+def parse_traceparent(value: str) -> ParentIds | None:
+    """(trace id, span id, flags, remote) from a W3C traceparent value, or None if it
+    is not one (W3C: lowercase hex, ids not all zero, version ff invalid)."""
+    m = _TRACEPARENT.match(value)
+    if m is None or (len(value) > 55 and value[55] != "-") or value.startswith("ff"):
+        return None
+    trace_id, span_id = int(m.group(1), 16), int(m.group(2), 16)
+    if not trace_id or not span_id:
+        return None
+    return trace_id, span_id, int(m.group(3), 16), True
+
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
 def context_from_traceparent(value: str) -> Context | None:
     """A parent context from a W3C traceparent value, or None if it is not one."""
-    last, span = _LAST[0]
-    if value == last and span is not None:
-        return trace.set_span_in_context(span, EMPTY_CONTEXT)
-    parts = value.split("-")
-    if len(parts) < 4 or len(parts[1]) != 32 or len(parts[2]) != 16:
-        return None
-    try:
-        trace_id, span_id, flags = int(parts[1], 16), int(parts[2], 16), int(parts[3][:2], 16)
-    except ValueError:
-        return None
-    return _remote(trace_id, span_id, flags)
+    ids = parse_traceparent(value)
+    return None if ids is None else _remote(ids[0], ids[1], ids[2])
 
 
 def context_from_jaeger(data: bytes) -> Context | None:
-    """A parent context from keyless tag 0x15: Jaeger binary or ``trace:span:parent:flags``.
+    """A parent context from keyless tag 0x15 (see :func:`parse_jaeger`)."""
+    ids = parse_jaeger(data)
+    return None if ids is None else _remote(ids[0], ids[1], ids[2])
+
+
+def parse_jaeger(data: bytes) -> ParentIds | None:
+    """The parent in keyless tag 0x15: Jaeger binary or ``trace:span:parent:flags``.
 
     Binary (jaeger-client-go's SpanContext serialisation): trace id high (8 bytes),
     trace id low (8), span id (8), parent span id (8), flags (1), then baggage.
@@ -243,17 +252,23 @@ def context_from_jaeger(data: bytes) -> Context | None:
             flags = int(parts[3], 16)
         except ValueError:
             return None
-        return _remote(trace_id, span_id, _jaeger_sampled(flags))
+        return _ids(trace_id, span_id, _jaeger_sampled(flags))
     if len(data) < 33:
         return None
     trace_id = int.from_bytes(data[0:16], "big")
     span_id = int.from_bytes(data[16:24], "big")
-    return _remote(trace_id, span_id, _jaeger_sampled(data[32]))
+    return _ids(trace_id, span_id, _jaeger_sampled(data[32]))
 
 
 def _jaeger_sampled(flags: int) -> int:
     """Jaeger's flags: 1 sampled, 2 debug (which Jaeger always samples)."""
     return 1 if flags & 0b11 else 0
+
+
+def _ids(trace_id: int, span_id: int, flags: int) -> ParentIds | None:
+    if not trace_id or not span_id or trace_id >> 128 or span_id >> 64 or trace_id < 0:
+        return None
+    return trace_id, span_id, flags & 1, True
 
 
 def _remote(trace_id: int, span_id: int, flags: int) -> Context | None:
