@@ -30,7 +30,7 @@ from gateway.server import KeylessServer, Limits
 from signer.common.config import ConfigError
 from signer.common.http import OpsServer
 from signer.common.logs import setup_logging
-from signer.common.runtime import settle_heap
+from signer.common.runtime import run, settle_heap, uvloop_installed
 from signer.common.telemetry import setup_tracing
 from signer.common.tls import TLSConfigError, keyless_server_context
 
@@ -51,22 +51,6 @@ def readiness(router: Router) -> tuple[bool, str]:
 
 def _show(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def _exception_handler(server: KeylessServer) -> Any:
-    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, ssl.SSLError | ConnectionResetError | BrokenPipeError):
-            # A refused client certificate or a load balancer's TCP probe: routine,
-            # so counted and logged at debug, not dumped as an error.
-            server.stats.handshake_failures += 1
-            reason = getattr(exc, "reason", None) or type(exc).__name__
-            server.metrics.handshake_failures.inc((str(reason).lower(),))
-            log.debug("TLS handshake failed: %s", reason)
-            return
-        loop.default_exception_handler(context)
-
-    return handle
 
 
 Reload = Callable[[], GatewayConfig]
@@ -182,7 +166,6 @@ async def serve(
     _failover_metrics(metrics, router)
     ops = OpsServer(metrics.registry.render, lambda: readiness(router))
     loop = asyncio.get_running_loop()
-    loop.set_exception_handler(_exception_handler(server))
     try:
         port = await server.listen_tcp(config.bind_address, config.port)
         if config.unix_socket is not None:
@@ -336,13 +319,8 @@ class _Reloadable:
 
 
 def main(config: GatewayConfig, reload: Reload | None = None) -> int:
-    runner: Any = asyncio.run
-    if config.event_loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            raise ConfigError("gateway.event_loop: uvloop is not installed") from None
-        runner = uvloop.run
+    if config.event_loop == "uvloop" and not uvloop_installed():
+        raise ConfigError("gateway.event_loop: uvloop is not installed")
     with contextlib.suppress(KeyboardInterrupt):
-        runner(serve(config, reload=reload))
+        run(serve(config, reload=reload), config.event_loop)
     return 0

@@ -34,7 +34,7 @@ from gateway.client import KeylessClient
 from gateway.protocol import ErrorCode, Op, Operation, Response, encode_packet
 from gateway.selfcheck import PublicKey, ski_of, verify
 from signer.common.cli import CommandError, add_logging_flags
-from signer.common.runtime import settle_heap
+from signer.common.runtime import run, settle_heap
 from signer.common.tls import keyless_client_context
 
 OPERATIONS: dict[str, tuple[int, str]] = {
@@ -473,7 +473,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.rate is not None:
         if args.rate <= 0:
             raise CommandError("--rate must be positive")
-        steady = asyncio.run(
+        steady = run(
             run_steady(
                 host,
                 port,
@@ -488,7 +488,7 @@ def run_bench(args: argparse.Namespace) -> int:
         )
         print(json.dumps(asdict(steady)) if args.json else steady.text())
         return 0 if steady.failed == 0 else 1
-    result = asyncio.run(
+    result = run(
         run_load(
             host,
             port,

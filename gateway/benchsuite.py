@@ -10,7 +10,6 @@ issue's targets and writes the table between the keyless-bench markers.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os
@@ -25,7 +24,7 @@ from gateway.bench import Result, load_public_key, run_load
 from gateway.demo import LocalCluster, prepare
 from signer.common.benchdoc import write_section
 from signer.common.cli import add_logging_flags
-from signer.common.runtime import settle_heap
+from signer.common.runtime import run, settle_heap
 from signer.common.tls import keyless_client_context
 
 START, END = "<!-- keyless-bench:start -->", "<!-- keyless-bench:end -->"
@@ -102,7 +101,7 @@ def run_bench_suite(args: argparse.Namespace) -> int:
             settle_heap()  # the load generator tunes its collector as the services do
             for name, operation, key, conns, depth, target in CASES:
                 pub = load_public_key(s / "keys" / f"{key}.pubkey") if key else None
-                r = asyncio.run(
+                r = run(
                     run_load(
                         host,
                         int(port),

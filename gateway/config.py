@@ -13,6 +13,7 @@ from pathlib import Path
 from gateway.discovery import dns_entry_problem, is_dns_entry
 from signer.common.config import Duration, at_least, host_port, in_range, one_of, setting
 from signer.common.logs import level_check
+from signer.common.runtime import EVENT_LOOPS
 from signer.common.telemetry import TracingConfig
 from signer.common.tls import TLSFiles
 
@@ -132,9 +133,9 @@ class GatewayConfig:
         default_factory=TracingConfig, help="OpenTelemetry tracing (OTEL_* variables win)"
     )
     event_loop: str = setting(
-        "asyncio",
-        help="asyncio, or uvloop if installed (measured ~10% slower here once TLS is on)",
-        check=one_of("asyncio", "uvloop"),
+        "auto",
+        help="auto (uvloop where installed, else asyncio), asyncio or uvloop",
+        check=one_of(*EVENT_LOOPS),
     )
     log_level: str = setting("info", check=level_check, aliases={"loglevel": None})
     log_format: str = setting("text", check=one_of("text", "json"))

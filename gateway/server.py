@@ -20,7 +20,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from gateway.dispatch import (
     DECRYPT_OPCODES,
@@ -46,6 +46,7 @@ from gateway.protocol import (
     op_type,
 )
 from gateway.router import Route, Router
+from gateway.tls_transport import TLSServerProtocol
 from gateway.tracing import end_request_span, start_request_span
 from signer.common.telemetry import DISABLED, Telemetry
 from signer.common.tls import peer_identity
@@ -73,6 +74,7 @@ class Limits:
     max_pending: int = 65536
     idle_timeout: float = 30.0
     drain_timeout: float = 5.0
+    handshake_timeout: float = 10.0
 
 
 @dataclass(slots=True)
@@ -114,7 +116,8 @@ class KeylessProtocol(asyncio.Protocol):
     # -- asyncio callbacks -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses; both have its methods.
+        transport = cast(asyncio.Transport, transport)
         self._transport = transport
         ssl_obj = transport.get_extra_info("ssl_object")
         if isinstance(ssl_obj, ssl.SSLObject):
@@ -369,24 +372,30 @@ class KeylessServer:
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
 
+    def _tls_protocol(self) -> TLSServerProtocol:
+        return TLSServerProtocol(
+            self.ssl_context,
+            lambda: KeylessProtocol(self),
+            self._handshake_failed,
+            self.limits.handshake_timeout,
+        )
+
+    def _handshake_failed(self, reason: str) -> None:
+        # A refused client certificate, a scanner, or a load balancer's TCP probe:
+        # routine, so counted by reason and logged at debug level, not as an error.
+        self.stats.handshake_failures += 1
+        self.metrics.handshake_failures.inc((reason,))
+
     async def listen_tcp(self, host: str, port: int) -> int:
         srv = await self.loop.create_server(
-            lambda: KeylessProtocol(self),
-            host,
-            port,
-            ssl=self.ssl_context,
-            ssl_handshake_timeout=10.0,
-            backlog=1024,
-            reuse_address=True,
+            self._tls_protocol, host, port, backlog=1024, reuse_address=True
         )
         self._servers.append(srv)
         self._start_sweeper()
         return int(srv.sockets[0].getsockname()[1])
 
     async def listen_unix(self, path: str) -> None:
-        srv = await self.loop.create_unix_server(
-            lambda: KeylessProtocol(self), path, ssl=self.ssl_context, ssl_handshake_timeout=10.0
-        )
+        srv = await self.loop.create_unix_server(self._tls_protocol, path)
         self._servers.append(srv)
         self._start_sweeper()
 

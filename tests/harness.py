@@ -6,11 +6,15 @@ configs written to a temporary directory, and waits for their ``ready`` line.
 
 from __future__ import annotations
 
+import http.client
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import pytest
 import yaml
 from softhsm import SoftHsmToken
 
@@ -131,3 +135,29 @@ class Cluster:
 def split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+T = TypeVar("T")
+
+
+def http_get(address: str, path: str) -> tuple[int, str]:
+    host, port = split(address)
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def eventually(check: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
+    """Poll ``check`` until it returns something other than None (or fail)."""
+    end = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got is not None:
+            return got
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from harness import Cluster, Pki, make_pki, split
+from harness import Cluster, Pki, eventually, http_get, make_pki, split
 from softhsm import SoftHsmToken
 
 from gateway.client import KeylessClient, KeylessError
 from gateway.protocol import ErrorCode, Op, Operation, encode_packet
-from gateway.selfcheck import check_key, load_key_dir
+from gateway.selfcheck import check_key, load_key_dir, verify
+from signer.common.process import Service
+from signer.common.runtime import uvloop_installed
 from signer.common.tls import keyless_client_context
 from signer.hsm import admin
 from signer.hsm.pool import Token
@@ -319,8 +321,20 @@ def test_pipelined_requests_with_reused_ids_all_answered(cluster: Cluster) -> No
 # -- connections, TLS, malformed input ----------------------------------------------------
 
 
-def test_client_without_certificate_or_from_another_ca_is_refused(cluster: Cluster) -> None:
-    host, port = gateway_address(cluster)
+def handshake_failures(gateway: Service) -> dict[str, float]:
+    """keyward_tls_handshake_failures by reason, from the gateway's /metrics."""
+    _, text = http_get(gateway.fields["metrics"], "/metrics")
+    prefix = 'keyward_tls_handshake_failures{reason="'
+    return {line[len(prefix):].split('"')[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line.startswith(prefix)}
+
+
+def refuse_strangers(cluster: Cluster, address: str) -> None:
+    """A client without a certificate and one from another CA both fail the
+    handshake; each is counted by reason; the gateway serves on."""
+    host, port = split(address)
+    gateway = next(s for s in cluster.services if s.address == address)
+    before = sum(handshake_failures(gateway).values())
     no_cert = keyless_client_context(cluster.pki.ca_pem, None, None)
     for ctx in (no_cert, client_ctx(cluster.pki, cluster.pki.stranger)):
         raw = socket.create_connection((host, port), timeout=10)
@@ -331,13 +345,52 @@ def test_client_without_certificate_or_from_another_ca_is_refused(cluster: Clust
             if not s.recv(1):
                 raise ConnectionError("closed")
         raw.close()
+    counted = eventually(
+        lambda: (lambda f: f if sum(f.values()) >= before + 2 else None)(
+            handshake_failures(gateway)),
+        "both refused handshakes in keyward_tls_handshake_failures")
+    assert any("certificate" in reason for reason in counted), counted
     # The gateway is unharmed.
-    asyncio.run(_ping_ok(cluster))
+    asyncio.run(_ping_ok(address, cluster.pki))
 
 
-async def _ping_ok(cluster: Cluster) -> None:
-    async with await connect(cluster) as c:
+def test_client_without_certificate_or_from_another_ca_is_refused(cluster: Cluster) -> None:
+    refuse_strangers(cluster, "%s:%d" % gateway_address(cluster))
+
+
+async def _ping_ok(address: str, pki: Pki) -> None:
+    host, port = split(address)
+    async with await KeylessClient.connect(host, port, client_ctx(pki),
+                                           server_hostname="localhost") as c:
         assert await c.ping(b"still here") == b"still here"
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_the_gateway_serves_on_either_event_loop(cluster: Cluster, event_loop: str) -> None:
+    """``event_loop: auto`` picks uvloop where it is installed; both loops must serve
+    the whole path: mutual TLS, pipelined signing, refused handshakes counted."""
+    if event_loop == "uvloop" and not uvloop_installed():
+        pytest.skip("uvloop is not installed")
+    signers = [s.address for s in cluster.services if s.name.startswith("signer")]
+    gw = cluster.start_gateway(signers, event_loop=event_loop)
+    try:
+        host, port = split(gw.address)
+        key = next(k for k in load_key_dir_from(cluster) if k.name == "vec-ecdsa")
+
+        async def go() -> None:
+            async with await KeylessClient.connect(host, port, client_ctx(cluster.pki),
+                                                   server_hostname="localhost") as c:
+                digest = hashlib.sha256(b"either loop").digest()
+                sigs = await asyncio.gather(*(c.sign(Op.ECDSA_SIGN_SHA256, key.ski, digest)
+                                              for _ in range(50)))
+            for sig in sigs:
+                verify(key.public_key, "ecdsa-sha256", b"either loop", sig, digest)
+
+        asyncio.run(go())
+        refuse_strangers(cluster, gw.address)
+    finally:
+        gw.stop()
+        cluster.services.remove(gw)
 
 
 def test_tls12_with_the_edge_cipher_suites(cluster: Cluster) -> None:

@@ -21,16 +21,16 @@ import socket
 import subprocess
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
-from harness import Cluster, Pki, make_pki, split
+from harness import Cluster, Pki, eventually, http_get, make_pki, split
 from otlp_receiver import (
     KIND_CLIENT,
     KIND_SERVER,
@@ -49,7 +49,6 @@ from signer.hsm.pool import Token
 
 pytestmark = pytest.mark.slow
 
-T = TypeVar("T")
 
 GATEWAY = "keyward-gateway"
 SIGNER = "keyward-signer"
@@ -171,29 +170,6 @@ def verify_ecdsa(obs: Obs, digest: bytes, resp: Response) -> None:
     assert resp.opcode == Op.RESPONSE, resp
     obs.keys.ec.public_key().verify(resp.payload, digest,
                                     ec.ECDSA(utils.Prehashed(hashes.SHA256())))
-
-
-def http_get(address: str, path: str) -> tuple[int, str]:
-    host, port = split(address)
-    conn = http.client.HTTPConnection(host, port, timeout=10)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode()
-    finally:
-        conn.close()
-
-
-def eventually(check: Callable[[], T | None], what: str, timeout: float = 30.0) -> T:
-    """Poll ``check`` until it returns something other than None (or fail)."""
-    end = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got is not None:
-            return got
-        if time.monotonic() > end:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def status_becomes(address: str, path: str, status: int) -> None:
