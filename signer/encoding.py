@@ -14,11 +14,16 @@ bytes are simple, so this module writes them itself, following
   appended. Protobuf parsers take the last value of a repeated scalar field, so a
   body serialised from a ``pb.Operation`` that already set them is overridden, as
   if the fields had been assigned.
+- :func:`result_entry` is the signer's side: one ``StreamResponse.results`` element
+  for an output (errors, rare, go through :func:`result_entry_message`). Entries
+  joined are a ``StreamResponse``.
 
 ``tests/test_encoding.py`` checks every function against the generated code.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 # Wire types: 0 varint, 2 length-delimited. A tag is (field number << 3) | wire type.
 _OPERATIONS = b"\x0a"  # StreamRequest.operations = 1, length-delimited
@@ -30,6 +35,8 @@ _TRACEPARENT = b"\x2a"  # Operation.traceparent = 5
 _KEY_SKI = b"\x0a"  # SignRequest.key / DecryptRequest.key = 1; KeySelector.ski = 1
 _ALGORITHM = b"\x10"  # SignRequest.algorithm = 2 / DecryptRequest.mode = 2, varint
 _DATA = b"\x1a"  # SignRequest.data = 3 / DecryptRequest.ciphertext = 3
+_RESULTS = b"\x0a"  # StreamResponse.results = 1
+_OUTPUT = b"\x12"  # OperationResult.output = 2
 
 # Small varints, precomputed: ids under 16384 and every enum value hit this table.
 _SMALL = [bytes((n,)) if n < 0x80 else bytes(((n & 0x7F) | 0x80, n >> 7)) for n in range(16384)]
@@ -79,3 +86,14 @@ def stream_entry(body: bytes, op_id: int, timeout_us: int = 0, traceparent: str 
     if traceparent:
         entry += _field(_TRACEPARENT, traceparent.encode())
     return _OPERATIONS + varint(len(entry)) + entry
+
+
+def result_entry(op_id: int, output: bytes) -> bytes:
+    """One ``StreamResponse.results`` element: ``OperationResult{id, output}``."""
+    entry = (_ID + varint(op_id) if op_id else b"") + _OUTPUT + varint(len(output)) + output
+    return _RESULTS + varint(len(entry)) + entry
+
+
+def result_entry_message(result: Any) -> bytes:
+    """One ``StreamResponse.results`` element from a ``pb.OperationResult``."""
+    return _field(_RESULTS, result.SerializeToString())

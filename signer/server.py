@@ -45,7 +45,7 @@ from signer.common.tls import (
 )
 from signer.config import SignerConfig
 from signer.metrics import SignerMetrics
-from signer.service import SignerService
+from signer.service import SignerService, stream_response_serializer
 from signer.v1 import signer_pb2 as pb
 from signer.v1 import signer_pb2_grpc as pb_grpc
 
@@ -157,6 +157,44 @@ async def serve(
         telemetry.shutdown()
 
 
+class _Handlers:
+    """Stands in for a server to catch what the generated registration adds."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass  # the same table arrives below
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_signer_service(service: SignerService, server: grpc.aio.Server) -> None:
+    """The generated registration, except that the Stream method's responses are
+    taken as encoded bytes (signer.encoding) rather than serialised from messages:
+    the per-operation result objects cost more than the rest of the answer."""
+    caught = _Handlers()
+    pb_grpc.add_SignerServicer_to_server(service, caught)  # type: ignore[no-untyped-call]
+    stream = caught.handlers["Stream"]
+    assert stream.stream_stream is not None
+    caught.handlers["Stream"] = grpc.stream_stream_rpc_method_handler(
+        stream.stream_stream,
+        request_deserializer=stream.request_deserializer,
+        response_serializer=stream_response_serializer,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(caught.service, caught.handlers),)
+    )
+    # (grpc-stubs predates add_registered_method_handlers, which grpcio has had since 1.63.)
+    server.add_registered_method_handlers(  # type: ignore[attr-defined]
+        caught.service, caught.handlers
+    )
+
+
 async def _start(config: SignerConfig, token: object, telemetry: Telemetry) -> Running:
     from signer.hsm.pool import Token
 
@@ -170,7 +208,7 @@ async def _start(config: SignerConfig, token: object, telemetry: Telemetry) -> R
         metrics=metrics,
         telemetry=telemetry,
     )
-    pb_grpc.add_SignerServicer_to_server(service, server)  # type: ignore[no-untyped-call]
+    add_signer_service(service, server)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

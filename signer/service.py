@@ -23,6 +23,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from signer.common.spans import span_ids, start_child
 from signer.common.telemetry import DISABLED, Telemetry, parse_traceparent
+from signer.encoding import result_entry, result_entry_message
 from signer.hsm.errors import HsmError
 from signer.hsm.keys import KeyInfo
 from signer.hsm.mechanisms import decrypt_spec, mechanism_name, sign_spec
@@ -257,7 +258,7 @@ class SignerService(pb_grpc.SignerServicer):
     ) -> AsyncIterator[pb.StreamResponse]:
         await self._authorize(context)
         loop = asyncio.get_running_loop()
-        ready: list[pb.OperationResult] = []
+        ready: list[bytes] = []
         wakeup = asyncio.Event()
         pending = 0
         reading = True
@@ -269,9 +270,9 @@ class SignerService(pb_grpc.SignerServicer):
             self.in_flight -= len(chunk.ids)
             for op_id, out in zip(chunk.ids, self._outputs(chunk, fut), strict=True):
                 if isinstance(out, bytes):
-                    ready.append(pb.OperationResult(id=op_id, output=out))
+                    ready.append(result_entry(op_id, out))
                 else:
-                    ready.append(_error_result(op_id, out))
+                    ready.append(_error_entry(op_id, out))
             wakeup.set()
 
         def on_done(chunk: Chunk) -> Callable[[Future[list[bytes | HsmError]]], None]:
@@ -290,7 +291,7 @@ class SignerService(pb_grpc.SignerServicer):
                             grpc.StatusCode.INVALID_ARGUMENT,
                             f"a StreamRequest carries at most {MAX_BATCH} operations",
                         )
-                        ready.extend(_error_result(op.id, err) for op in ops)
+                        ready.extend(_error_entry(op.id, err) for op in ops)
                         wakeup.set()
                         continue
                     now = time.monotonic()
@@ -300,7 +301,7 @@ class SignerService(pb_grpc.SignerServicer):
                     tracing = self.telemetry.enabled
                     for op in ops:
                         if self.draining:
-                            ready.append(_error_result(op.id, DRAINING))
+                            ready.append(_error_entry(op.id, DRAINING))
                             continue
                         try:
                             jobs.append(self._job(op, now))
@@ -309,7 +310,7 @@ class SignerService(pb_grpc.SignerServicer):
                                 parents.append(op.traceparent)
                         except HsmError as e:
                             self._count_rejected(e)
-                            ready.append(_error_result(op.id, e))
+                            ready.append(_error_entry(op.id, e))
                     # Split the message across the workers: one batch per worker
                     # would make a slow job (RSA, or any call to a network HSM) delay
                     # every fast one behind it, and leave the other sessions idle.
@@ -329,7 +330,7 @@ class SignerService(pb_grpc.SignerServicer):
                             fut = self._token.submit(chunk.jobs)
                         except HsmError as e:
                             self._record(chunk, [e] * len(chunk.jobs))
-                            ready.extend(_error_result(i, e) for i in chunk.ids)
+                            ready.extend(_error_entry(i, e) for i in chunk.ids)
                         else:
                             pending += len(chunk.jobs)
                             self.in_flight += len(chunk.jobs)
@@ -346,9 +347,11 @@ class SignerService(pb_grpc.SignerServicer):
                 await wakeup.wait()
                 wakeup.clear()
                 if ready:
-                    batch = ready[:]
+                    # Encoded StreamResponse.results entries (signer.encoding): the
+                    # response goes out as bytes (see stream_response_serializer).
+                    batch = b"".join(ready)
                     ready.clear()
-                    yield pb.StreamResponse(results=batch)
+                    yield batch  # type: ignore[misc]
                 if not reading and pending == 0 and not ready:
                     break
         finally:
@@ -378,20 +381,26 @@ class SignerService(pb_grpc.SignerServicer):
         if session_wait is not None:
             m.session_wait.observe((), max(0.0, session_wait))
             chunk.session_wait = session_wait
+        # Every job of a chunk took the same time; operations are counted per distinct
+        # (key, algorithm, outcome), which for a busy stream is one or two per chunk.
+        counts: dict[tuple[str, str, str], int] = {}
+        spans = chunk.spans
         for i, (job, out) in enumerate(zip(chunk.jobs, outputs, strict=True)):
             key = job.key
             label = key.label if isinstance(key, KeyInfo) else key.hex()
-            algorithm = algorithm_label(job.algorithm, job.decrypt_mode)
             if isinstance(out, bytes):
                 outcome = "ok"
             else:
                 outcome = out.code.name
                 if out.ckr:
                     m.hsm_errors.inc((out.ckr,))
-            m.operations.inc((label, algorithm, outcome))
-            m.duration.observe((algorithm,), elapsed)
-            if chunk.spans is not None and chunk.spans[i] is not None:
-                self._end_spans(chunk.spans[i], job, out, chunk.session_wait)
+            labels = (label, algorithm_label(job.algorithm, job.decrypt_mode), outcome)
+            counts[labels] = counts.get(labels, 0) + 1
+            if spans is not None and spans[i] is not None:
+                self._end_spans(spans[i], job, out, chunk.session_wait)
+        for labels, n in counts.items():
+            m.operations.inc(labels, n)
+            m.duration.observe((labels[1],), elapsed, n)
 
     def _count_rejected(self, error: HsmError) -> None:
         self.metrics.operations.inc(("-", "-", error.code.name))
@@ -469,3 +478,12 @@ def _error_result(op_id: int, err: HsmError) -> pb.OperationResult:
     return pb.OperationResult(
         id=op_id, error=pb.Status(code=err.code.value[0], message=err.message)
     )
+
+
+def _error_entry(op_id: int, err: HsmError) -> bytes:
+    return result_entry_message(_error_result(op_id, err))
+
+
+def stream_response_serializer(response: bytes | pb.StreamResponse) -> bytes:
+    """The Stream method's response serializer: the service yields encoded bytes."""
+    return response if isinstance(response, bytes) else response.SerializeToString()

@@ -6,7 +6,14 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from signer.encoding import decrypt_body, sign_body, stream_entry, varint
+from signer.encoding import (
+    decrypt_body,
+    result_entry,
+    result_entry_message,
+    sign_body,
+    stream_entry,
+    varint,
+)
 from signer.v1 import signer_pb2 as pb
 
 skis = st.binary(min_size=0, max_size=64)
@@ -63,3 +70,19 @@ def test_fields_given_to_stream_entry_override_those_of_a_serialised_message() -
     assert parsed.sign == op.sign
     kept = pb.StreamRequest.FromString(stream_entry(op.SerializeToString(), 99)).operations[0]
     assert (kept.id, kept.timeout_us, kept.traceparent) == (99, 5, "old")
+
+
+@given(st.lists(st.tuples(ids, st.binary(max_size=600)), max_size=8), st.integers(0, 16),
+       st.text(max_size=40))
+def test_result_entries_make_the_stream_response(
+    outputs: list[tuple[int, bytes]], code: int, message: str
+) -> None:
+    error = pb.OperationResult(id=7, error=pb.Status(code=code, message=message))
+    raw = b"".join(result_entry(op_id, out) for op_id, out in outputs)
+    raw += result_entry_message(error)
+    parsed = pb.StreamResponse.FromString(raw)
+    assert parsed == pb.StreamResponse(results=[
+        *(pb.OperationResult(id=op_id, output=out) for op_id, out in outputs), error])
+    # An empty output is still an output (the oneof says which), as the generated
+    # code would send it.
+    assert all(r.WhichOneof("result") == "output" for r in parsed.results[:-1])

@@ -345,17 +345,19 @@ def refuse_strangers(cluster: Cluster, address: str) -> None:
             if not s.recv(1):
                 raise ConnectionError("closed")
         raw.close()
-    counted = eventually(
-        lambda: (lambda f: f if sum(f.values()) >= before + 2 else None)(
-            handshake_failures(gateway)),
-        "both refused handshakes in keyward_tls_handshake_failures")
+    def both_counted() -> dict[str, float] | None:
+        failures = handshake_failures(gateway)
+        return failures if sum(failures.values()) >= before + 2 else None
+
+    counted = eventually(both_counted, "both refused handshakes in keyward_tls_handshake_failures")
     assert any("certificate" in reason for reason in counted), counted
     # The gateway is unharmed.
     asyncio.run(_ping_ok(address, cluster.pki))
 
 
 def test_client_without_certificate_or_from_another_ca_is_refused(cluster: Cluster) -> None:
-    refuse_strangers(cluster, "%s:%d" % gateway_address(cluster))
+    host, port = gateway_address(cluster)
+    refuse_strangers(cluster, f"{host}:{port}")
 
 
 async def _ping_ok(address: str, pki: Pki) -> None:

@@ -131,13 +131,14 @@ class Histogram(Metric):
         self.bounds = tuple(buckets)
         self.series: dict[Labels, list[float]] = {}  # per bucket counts, then sum, count
 
-    def observe(self, labels: Labels, value: float) -> None:
+    def observe(self, labels: Labels, value: float, count: int = 1) -> None:
+        """``count`` observations of ``value`` (a batch whose items took as long)."""
         s = self.series.get(labels)
         if s is None:
             s = self.series[labels] = [0.0] * (len(self.bounds) + 3)
-        s[bisect.bisect_left(self.bounds, value)] += 1
-        s[-2] += value
-        s[-1] += 1
+        s[bisect.bisect_left(self.bounds, value)] += count
+        s[-2] += value * count
+        s[-1] += count
 
     def samples(self) -> Iterable[str]:
         n = len(self.bounds)

@@ -35,6 +35,7 @@ def run(main: Coroutine[Any, Any, T], event_loop: str = "auto") -> T:
         return uvloop.run(main)
     return asyncio.run(main)
 
+
 # Python's default first-generation threshold (700 container allocations) runs a
 # collection every few dozen requests on the hot path, and each one walks every
 # young object; a request's objects are freed by reference counting long before
