@@ -56,7 +56,13 @@ class _ClientProtocol(asyncio.Protocol):
         self.outbox: list[bytes] = []
         self.flush_scheduled = False
 
-    def write(self, packet: bytes) -> None:
+    def write(self, packet: bytes, *, alone: bool = False) -> None:
+        """Queue ``packet``; ``alone`` (nothing else in flight on the connection, so
+        nothing to coalesce it with) sends it at once instead."""
+        if alone and not self.outbox and self.transport is not None:
+            if not self.transport.is_closing():
+                self.transport.write(packet)
+            return
         self.outbox.append(packet)
         if not self.flush_scheduled:
             self.flush_scheduled = True
@@ -184,8 +190,9 @@ class KeylessClient:
         proto = self._proto
         if proto is None or proto.transport is None:
             raise KeylessClosed("not connected")
+        alone = not self._pending
         self._pending[request_id] = callback
-        proto.write(packet)
+        proto.write(packet, alone=alone)
 
     async def request(self, op: Operation, *, timeout: float = 10.0) -> Response:
         """Send one operation and wait for its answer (OpError included)."""

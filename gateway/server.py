@@ -233,7 +233,7 @@ class KeylessProtocol(asyncio.Protocol):
             self._end()
             metrics = self._server.metrics
             if result.WhichOneof("result") == "output":
-                self._write(encode_response(rid, result.output))
+                self._answer(encode_response(rid, result.output))
                 self._observe(kind, NO_ERROR, started, executed)
                 if span is not None:
                     end_request_span(span, None)
@@ -259,7 +259,8 @@ class KeylessProtocol(asyncio.Protocol):
                     "span": span,  # logged as trace_id and span_id when traced
                 },
             )
-            self._send_error(rid, code)
+            self._server.stats.errors_sent += 1
+            self._answer(encode_error(rid, code))
 
         return done
 
@@ -315,6 +316,17 @@ class KeylessProtocol(asyncio.Protocol):
     def _write(self, packet: bytes) -> None:
         self._out.append(packet)
         self._schedule_flush()
+
+    def _answer(self, packet: bytes) -> None:
+        """A signer's answer: written at once when no other answer on this connection
+        is due (nothing to coalesce it with: a lone request gets its answer a loop
+        iteration sooner), coalesced with the others otherwise."""
+        if self._in_flight or self._out or self._closing:
+            self._write(packet)
+            return
+        t = self._transport
+        if t is not None and not t.is_closing():
+            t.write(packet)
 
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
