@@ -644,10 +644,18 @@ class Router:
 
     # -- the request path ---------------------------------------------------------------
 
-    def execute(self, route: Route, body: bytes, done: Done, traceparent: str = "") -> None:
+    def execute(
+        self,
+        route: Route,
+        body: bytes,
+        done: Done,
+        traceparent: str = "",
+        parent: ParentIds | None = None,
+    ) -> None:
         """Run the operation ``body`` (encoded with :mod:`signer.encoding`) on a replica
         of ``route``; ``done`` gets exactly one result. ``traceparent`` is the request
-        span's: a sampled one makes each attempt a span of its own under it."""
+        span's: a sampled one makes each attempt a span of its own under it (``parent``,
+        that span's ids if the caller has them, saves parsing it)."""
         now = time.monotonic()
         s = self.settings
         if s.hedging:
@@ -655,7 +663,7 @@ class Router:
         call = Call(route, body, traceparent, now + s.request_timeout, done)
         tel = self.telemetry
         if traceparent.endswith("-01") and tel is not None and tel.enabled:
-            call.parent = parse_traceparent(traceparent)
+            call.parent = parent or parse_traceparent(traceparent)
             if call.parent is not None:
                 call.spans = {}
         self._attempt(call, now, hedge=False)

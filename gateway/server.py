@@ -48,6 +48,7 @@ from gateway.protocol import (
 from gateway.router import Route, Router
 from gateway.tls_transport import TLSServerProtocol
 from gateway.tracing import end_request_span, start_request_span
+from signer.common.spans import span_ids
 from signer.common.telemetry import DISABLED, Telemetry
 from signer.common.tls import peer_identity
 from signer.encoding import decrypt_body, sign_body
@@ -194,11 +195,19 @@ class KeylessProtocol(asyncio.Protocol):
             self._observe(kind, metrics.error_label(prepared), now, now)
             return
         route, body = prepared
-        span, parent = (None, "")
-        if self._server.telemetry.enabled:
-            span, parent = start_request_span(self._server.telemetry, op, name, rid, self.peer)
         self._begin()
-        self._server.router.execute(route, body, self._completion(rid, op, kind, now, span), parent)
+        router = self._server.router
+        if not self._server.telemetry.enabled:
+            router.execute(route, body, self._completion(rid, op, kind, now, None))
+            return
+        span, parent = start_request_span(self._server.telemetry, op, name, rid, self.peer)
+        router.execute(
+            route,
+            body,
+            self._completion(rid, op, kind, now, span),
+            parent,
+            span_ids(span) if span is not None else None,
+        )
 
     def _prepare(self, op: Operation, opcode: int) -> int | tuple[Route, bytes]:
         """The route and encoded Signer operation for a request, or the keyless error

@@ -470,8 +470,16 @@ DRAINING = HsmError(grpc.StatusCode.UNAVAILABLE, "signer is shutting down")
 
 
 def mechanism_for(job: Job) -> str:
-    spec = decrypt_spec(job.decrypt_mode) if job.decrypt_mode else sign_spec(job.algorithm)
-    return mechanism_name(spec.mechanism)
+    """The PKCS#11 mechanism's name for a job (for the HSM span), cached per kind."""
+    kind = (job.algorithm, job.decrypt_mode)
+    name = _MECHANISM_NAMES.get(kind)
+    if name is None:
+        spec = decrypt_spec(job.decrypt_mode) if job.decrypt_mode else sign_spec(job.algorithm)
+        name = _MECHANISM_NAMES[kind] = mechanism_name(spec.mechanism)
+    return name
+
+
+_MECHANISM_NAMES: dict[tuple[int, int], str] = {}  # bounded by the enums' sizes
 
 
 def _error_result(op_id: int, err: HsmError) -> pb.OperationResult:

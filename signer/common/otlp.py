@@ -200,6 +200,7 @@ def _fields(span: ReadableSpan) -> tuple[Any, Sequence[Any], Sequence[Any], int,
 
 _IDS = struct.Struct(">BBQQBBQ")  # trace id (16 bytes, as two halves) and span id
 _PARENT = struct.Struct(">BBQ")
+_IDS_PARENT = struct.Struct(">BBQQBBQBBQ")  # trace id, span id, parent span id
 _TIMES = struct.Struct("<BQBQ")
 _FLAGS_LOCAL = b"\x85\x01" + _pack_i(_HAS_IS_REMOTE)
 _FLAGS_REMOTE = b"\x85\x01" + _pack_i(_HAS_IS_REMOTE | _IS_REMOTE)
@@ -289,12 +290,16 @@ def encode_lean(span: Any) -> bytes:
     """:func:`encode_span` for a :class:`signer.common.spans.LeanSpan`, reading the ids
     it keeps as integers rather than through SpanContext's properties."""
     trace_id, span_id, parent_id, remote = span._ids
-    out = [_IDS.pack(0x0A, 16, trace_id >> 64, trace_id & 0xFFFF_FFFF_FFFF_FFFF, 0x12, 8, span_id)]
+    high, low = trace_id >> 64, trace_id & 0xFFFF_FFFF_FFFF_FFFF
     state = span._state
-    if state:
-        out.append(_str(3, _trace_state(state)))
-    if parent_id is not None:
-        out.append(_PARENT.pack(0x22, 8, parent_id))
+    if parent_id is not None and not state:  # the usual case: one pack for all ids
+        out = [_IDS_PARENT.pack(0x0A, 16, high, low, 0x12, 8, span_id, 0x22, 8, parent_id)]
+    else:
+        out = [_IDS.pack(0x0A, 16, high, low, 0x12, 8, span_id)]
+        if state:
+            out.append(_str(3, _trace_state(state)))
+        if parent_id is not None:
+            out.append(_PARENT.pack(0x22, 8, parent_id))
     out.append(_head(span._name, span._kind))
     out.append(_TIMES.pack(0x39, span._start_time, 0x41, span._end_time))
     attributes = span._lean_attributes
@@ -479,8 +484,15 @@ class EncodingBatchProcessor(SpanProcessor):
                     self._max_queue,
                 )
             return
-        data = encode_lean(span) if type(span) is LeanSpan else encode_span(span)
-        queue.append((span.resource, span.instrumentation_scope, _len(2, data)))
+        if type(span) is LeanSpan:
+            data = encode_lean(span)
+            # A ScopeSpans.spans element (field 2); the span's resource and scope,
+            # read without the properties' indirection.
+            entry = b"\x12" + _varint(len(data)) + data
+            queue.append((span._resource, span._instrumentation_scope, entry))
+        else:
+            data = encode_span(span)
+            queue.append((span.resource, span.instrumentation_scope, _len(2, data)))
         if len(queue) == self._max_batch:
             self._wake.set()
 
