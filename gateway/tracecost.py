@@ -392,9 +392,10 @@ async def _micro(mode: str, endpoint: str, duration: float, concurrency: int) ->
     from opentelemetry.trace import SpanKind
 
     from signer.client import OperationStream
+    from signer.common.spans import start_child
     from signer.common.telemetry import (
         TracingConfig,
-        context_from_traceparent,
+        parse_traceparent,
         setup_tracing,
         traceparent,
     )
@@ -417,12 +418,15 @@ async def _micro(mode: str, endpoint: str, duration: float, concurrency: int) ->
         async def Sign(self, request: pb.SignRequest, context: Any) -> pb.SignResponse:
             if keyward:
                 md = dict(context.invocation_metadata() or ())
-                span = tracer.start_span(
+                span = start_child(
+                    tracer,
                     "Signer/Sign",
-                    context=context_from_traceparent(str(md.get("traceparent", ""))),
-                    kind=SpanKind.SERVER,
+                    parse_traceparent(str(md.get("traceparent", ""))),
+                    SpanKind.SERVER,
+                    {},
                 )
-                span.end()
+                if span is not None:
+                    span.end()
             return pb.SignResponse(signature=signature)
 
         async def Stream(self, request_iterator: Any, context: Any) -> Any:
@@ -430,12 +434,15 @@ async def _micro(mode: str, endpoint: str, duration: float, concurrency: int) ->
                 results = []
                 for op in request.operations:
                     if keyward and op.traceparent:
-                        span = tracer.start_span(
+                        span = start_child(
+                            tracer,
                             "Signer/Stream",
-                            context=context_from_traceparent(op.traceparent),
-                            kind=SpanKind.SERVER,
+                            parse_traceparent(op.traceparent),
+                            SpanKind.SERVER,
+                            {},
                         )
-                        span.end()
+                        if span is not None:
+                            span.end()
                     results.append(pb.OperationResult(id=op.id, output=signature))
                 yield pb.StreamResponse(results=results)
 
@@ -465,7 +472,8 @@ async def _micro(mode: str, endpoint: str, duration: float, concurrency: int) ->
         nonlocal count
         while time.perf_counter() < stop_at:
             if keyward:
-                span = tracer.start_span("Signer/Sign", kind=SpanKind.CLIENT)
+                span = start_child(tracer, "Signer/Sign", None, SpanKind.CLIENT, {})
+                assert span is not None  # a root, sampled at ratio 1
                 await stub.Sign(request, metadata=(("traceparent", traceparent(span)),))
                 span.end()
             else:
@@ -483,11 +491,13 @@ async def _micro(mode: str, endpoint: str, duration: float, concurrency: int) ->
             nonlocal outstanding
             op = pb.Operation(sign=request)
             span = None
+            parent = ""
             if keyward:
-                span = tracer.start_span("keyless", kind=SpanKind.SERVER)
-                op.traceparent = traceparent(span)
+                span = start_child(tracer, "keyless", None, SpanKind.SERVER, {})
+                assert span is not None  # a root, sampled at ratio 1
+                parent = traceparent(span)
             outstanding += 1
-            stream.submit(op, lambda result: answered(span))
+            stream.submit(op, lambda result: answered(span), traceparent=parent)
 
         def answered(span: Any) -> None:
             nonlocal count, outstanding

@@ -2,7 +2,8 @@
 
 * the signer never imports the gateway;
 * the shared plumbing (``signer/common/``) and the signer's public client side
-  (``signer/client.py``, ``signer/config.py``, ``signer/v1/``) import neither the
+  (``signer/client.py``, ``signer/encoding.py``, ``signer/config.py``, ``signer/v1/``)
+  import neither the
   gateway nor ``pkcs11``, so a gateway-only install works without python-pkcs11;
 * the generated Signer API code is what ``protos/generate.py`` produces today.
 """
@@ -135,8 +136,8 @@ def test_no_signer_module_imports_the_gateway() -> None:
 
 def test_shared_plumbing_and_client_side_import_neither_pkcs11_nor_gateway() -> None:
     files = python_files(
-        SIGNER / "common", SIGNER / "client.py", SIGNER / "config.py", SIGNER / "v1",
-        SIGNER / "__init__.py",
+        SIGNER / "common", SIGNER / "client.py", SIGNER / "encoding.py", SIGNER / "config.py",
+        SIGNER / "v1", SIGNER / "__init__.py",
     )
     assert len(files) >= 10
     assert offending(files, ("pkcs11", "gateway")) == []
@@ -145,8 +146,8 @@ def test_shared_plumbing_and_client_side_import_neither_pkcs11_nor_gateway() -> 
 def test_shared_plumbing_does_not_reach_into_the_signer_service() -> None:
     # signer.hsm, signer.service and signer.server need pkcs11; reaching them from the
     # shared plumbing or the client side would pull it in indirectly.
-    files = python_files(SIGNER / "common", SIGNER / "client.py", SIGNER / "config.py",
-                         SIGNER / "v1")
+    files = python_files(SIGNER / "common", SIGNER / "client.py", SIGNER / "encoding.py",
+                         SIGNER / "config.py", SIGNER / "v1")
     service = []
     for path in files:
         for name in imported_modules(path):
