@@ -62,11 +62,9 @@ class Metric:
         return "\n".join(lines) + "\n"
 
 
-class Counter(Metric):
-    """A counter, incremented in place or (with ``read``) read at scrape time from a
-    callback returning {labels: value}, for totals another object already keeps."""
-
-    kind = "counter"
+class _Values(Metric):
+    """One number per label set: kept here, or (with ``read``) read at scrape time from
+    a callback returning {labels: value}, for figures another object already keeps."""
 
     def __init__(
         self,
@@ -78,6 +76,15 @@ class Counter(Metric):
         super().__init__(name, doc, labelnames)
         self.values: dict[Labels, float] = {}
         self.read = read
+
+    def samples(self) -> Iterable[str]:
+        values = self.read() if self.read is not None else dict(self.values)
+        for labels, value in values.items():
+            yield f"{self.name}{_labels(self.labelnames, labels)} {_num(value)}"
+
+
+class Counter(_Values):
+    kind = "counter"
 
     def inc(self, labels: Labels = (), amount: float = 1.0) -> None:
         v = self.values
@@ -86,35 +93,12 @@ class Counter(Metric):
     def get(self, labels: Labels = ()) -> float:
         return self.values.get(labels, 0.0)
 
-    def samples(self) -> Iterable[str]:
-        values = self.read() if self.read is not None else dict(self.values)
-        for labels, value in values.items():
-            yield f"{self.name}{_labels(self.labelnames, labels)} {_num(value)}"
 
-
-class Gauge(Metric):
-    """A gauge read at scrape time from a callback returning {labels: value}."""
-
+class Gauge(_Values):
     kind = "gauge"
-
-    def __init__(
-        self,
-        name: str,
-        doc: str,
-        labelnames: Sequence[str] = (),
-        read: Callable[[], dict[Labels, float]] | None = None,
-    ) -> None:
-        super().__init__(name, doc, labelnames)
-        self.values: dict[Labels, float] = {}
-        self.read = read
 
     def set(self, labels: Labels, value: float) -> None:
         self.values[labels] = value
-
-    def samples(self) -> Iterable[str]:
-        values = self.read() if self.read is not None else dict(self.values)
-        for labels, value in values.items():
-            yield f"{self.name}{_labels(self.labelnames, labels)} {_num(value)}"
 
 
 class Histogram(Metric):
