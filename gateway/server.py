@@ -268,14 +268,18 @@ class KeylessProtocol(asyncio.Protocol):
                     "span": span,  # logged as trace_id and span_id when traced
                 },
             )
-            self._server.stats.errors_sent += 1
-            self._answer(encode_error(rid, code))
+            self._send_error(rid, code, answer=True)
 
         return done
 
-    def _send_error(self, rid: int, code: int) -> None:
+    def _send_error(self, rid: int, code: int, *, answer: bool = False) -> None:
+        """An error reply; ``answer``: a signer's (see :meth:`_answer`)."""
         self._server.stats.errors_sent += 1
-        self._write(encode_error(rid, code))
+        packet = encode_error(rid, code)
+        if answer:
+            self._answer(packet)
+        else:
+            self._write(packet)
 
     # -- flow control ------------------------------------------------------------------
 
