@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from gateway.client import KeylessClient
 from gateway.protocol import ErrorCode, Op, Operation, Response, encode_packet
 from gateway.selfcheck import PublicKey, ski_of, verify
+from signer.common.benchdoc import percentile
 from signer.common.cli import CommandError, add_logging_flags
 from signer.common.runtime import run, settle_heap
 from signer.common.tls import keyless_client_context
@@ -71,13 +72,6 @@ class Result:
             f"p99 {self.p99_ms:.3f} ms, max {self.max_ms:.3f} ms; "
             f"{self.errors} errors, {self.verified} answers verified"
         )
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[i]
 
 
 class _Worker:

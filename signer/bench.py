@@ -65,7 +65,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
-from signer.common.benchdoc import write_section
+from signer.common.benchdoc import percentile, write_section
 from signer.common.cli import CommandError, add_logging_flags
 from signer.common.pki import Issued, LocalCA
 from signer.common.process import Service, keyward_argv
@@ -206,13 +206,6 @@ class Report:
 
 
 # -- statistics -----------------------------------------------------------------------
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
-    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[i]
 
 
 @dataclass(slots=True)

@@ -42,8 +42,8 @@ import grpc
 from harness import Cluster, make_pki, split
 from softhsm import create_token, unavailable_reason
 
-from gateway.bench import SteadyLoad, percentile, run_steady
-from signer.common.benchdoc import write_section
+from gateway.bench import SteadyLoad, run_steady
+from signer.common.benchdoc import percentile, write_section
 from signer.common.tls import keyless_client_context
 from signer.hsm import admin
 from signer.hsm.pool import Token

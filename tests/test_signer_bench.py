@@ -17,7 +17,7 @@ import pytest
 from softhsm import unavailable_reason
 
 from signer.bench import END_MARKER, START_MARKER
-from signer.common.benchdoc import write_section
+from signer.common.benchdoc import percentile, write_section
 
 EXPECTED_MODES = {
     "direct, 1 thread",
@@ -43,6 +43,16 @@ def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_percentile_is_the_nearest_rank_of_sorted_values() -> None:
+    values = [float(v) for v in range(1, 101)]  # 1..100
+    assert percentile(values, 0.5) == 51.0  # round(0.5 * 99) = 50 -> the 51st value
+    assert percentile(values, 0.99) == 99.0
+    assert percentile(values, 0.0) == 1.0
+    assert percentile(values, 1.0) == 100.0
+    assert percentile([7.0], 0.99) == 7.0
+    assert percentile([], 0.5) == 0.0
+
+
 def test_quick_run_measures_every_mode_and_writes_the_section(tmp_path: Path) -> None:
     reason = unavailable_reason()
     if reason is not None:

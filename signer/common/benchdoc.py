@@ -1,8 +1,10 @@
-"""docs/benchmarks.md is shared by several benchmark commands: each owns one section
-between its own start and end markers and replaces only that section when it runs."""
+"""What Keyward's benchmark commands share: docs/benchmarks.md, where each owns one
+section between its own start and end markers and replaces only that section when it
+runs, and the percentile their latency figures use."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 DOC_HEADER = (
@@ -29,3 +31,11 @@ def write_section(path: Path, section: str, start: str, end: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of already sorted values, nearest rank; 0 for none."""
+    if not sorted_values:
+        return 0.0
+    i = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[i]
