@@ -150,7 +150,7 @@ class TLSServerProtocol(asyncio.Protocol):
             except (ssl.SSLError, OSError) as exc:
                 # A corrupt record or a truncated stream: nothing more can be trusted.
                 log.debug("TLS read failed: %s", _reason(exc))
-                self._abort_with(exc)
+                self.abort()
                 return
             if not chunk:
                 closed = True
@@ -172,11 +172,6 @@ class TLSServerProtocol(asyncio.Protocol):
             self.close()
         return keep_open
 
-    def _abort_with(self, exc: Exception) -> None:
-        self._closing = True
-        if self._transport is not None:
-            self._transport.abort()
-
     def _flush(self) -> None:
         out = self._outgoing
         if out.pending and self._transport is not None and not self._transport.is_closing():
@@ -191,7 +186,7 @@ class TLSServerProtocol(asyncio.Protocol):
             self._ssl.write(data)
         except (ssl.SSLError, OSError) as exc:
             log.debug("TLS write failed: %s", _reason(exc))
-            self._abort_with(exc)
+            self.abort()
             return
         self._flush()
 

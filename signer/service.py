@@ -482,14 +482,10 @@ def mechanism_for(job: Job) -> str:
 _MECHANISM_NAMES: dict[tuple[int, int], str] = {}  # bounded by the enums' sizes
 
 
-def _error_result(op_id: int, err: HsmError) -> pb.OperationResult:
-    return pb.OperationResult(
-        id=op_id, error=pb.Status(code=err.code.value[0], message=err.message)
-    )
-
-
 def _error_entry(op_id: int, err: HsmError) -> bytes:
-    return result_entry_message(_error_result(op_id, err))
+    """A failed operation's StreamResponse entry (rare: through the generated code)."""
+    error = pb.Status(code=err.code.value[0], message=err.message)
+    return result_entry_message(pb.OperationResult(id=op_id, error=error))
 
 
 def stream_response_serializer(response: bytes | pb.StreamResponse) -> bytes:

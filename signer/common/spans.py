@@ -332,8 +332,13 @@ def start_child(
             trace_id = parent[0]
             ids = (trace_id, span_id, parent[1], parent[3])
         return LeanSpan(tracer, name, None, None, kind, attributes, (), time.time_ns(), ids)
-    context = None
-    if parent is not None:
-        parent_ctx = SpanContext(parent[0], parent[1], parent[3], TraceFlags(parent[2] & 1))
-        context = trace.set_span_in_context(NonRecordingSpan(parent_ctx), Context())
-    return tracer.start_span(name, context=context or Context(), kind=kind, attributes=attributes)
+    context = context_from_ids(parent) if parent is not None else Context()
+    return tracer.start_span(name, context=context, kind=kind, attributes=attributes)
+
+
+def context_from_ids(parent: ParentIds) -> Context:
+    """A fresh context holding only ``parent`` (not a copy of the current context), for
+    the tracing API's ``context=`` arguments."""
+    trace_id, span_id, flags, remote = parent
+    span_ctx = SpanContext(trace_id, span_id, remote, TraceFlags(flags & 1))
+    return trace.set_span_in_context(NonRecordingSpan(span_ctx), Context())

@@ -34,14 +34,11 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import (
-    NonRecordingSpan,
-    SpanContext,
-    TraceFlags,
     Tracer,
 )
 
 from signer.common.config import in_range, one_of, setting
-from signer.common.spans import LeanSpan, ParentIds
+from signer.common.spans import LeanSpan, ParentIds, context_from_ids
 
 log = logging.getLogger("keyward.telemetry")
 
@@ -220,13 +217,13 @@ _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{
 def context_from_traceparent(value: str) -> Context | None:
     """A parent context from a W3C traceparent value, or None if it is not one."""
     ids = parse_traceparent(value)
-    return None if ids is None else _remote(ids[0], ids[1], ids[2])
+    return None if ids is None else context_from_ids(ids)
 
 
 def context_from_jaeger(data: bytes) -> Context | None:
     """A parent context from keyless tag 0x15 (see :func:`parse_jaeger`)."""
     ids = parse_jaeger(data)
-    return None if ids is None else _remote(ids[0], ids[1], ids[2])
+    return None if ids is None else context_from_ids(ids)
 
 
 def parse_jaeger(data: bytes) -> ParentIds | None:
@@ -271,12 +268,3 @@ def _ids(trace_id: int, span_id: int, flags: int) -> ParentIds | None:
     return trace_id, span_id, flags & 1, True
 
 
-def _remote(trace_id: int, span_id: int, flags: int) -> Context | None:
-    if not trace_id or not span_id or trace_id >> 128 or span_id >> 64:
-        return None
-    span_ctx = SpanContext(trace_id, span_id, is_remote=True, trace_flags=TraceFlags(flags & 1))
-    # A fresh context holding only the remote parent (not a copy of the current one).
-    return trace.set_span_in_context(NonRecordingSpan(span_ctx), EMPTY_CONTEXT)
-
-
-EMPTY_CONTEXT = Context()  # a context with nothing in it: no span, no baggage
